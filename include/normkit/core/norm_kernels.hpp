@@ -1,0 +1,398 @@
+// Kernels that normalize over a run of features: LayerNorm (Center = true) and RMSNorm
+// (Center = false) differ only in that flag.
+//
+//   forward   xhat = (x - mean) * rstd     (RMSNorm: xhat = x * rstd)
+//             y    = xhat * w + b
+//   backward  g = dy * w
+//             dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (RMSNorm: no mean(g))
+//             dw += dy * xhat,  db += dy
+//
+// Two memory shapes: contiguous rows (the fast path: RowMajor) and columns of a
+// row-major block, i.e. features strided by `ld` (ColMajor tensors). Both use the same
+// numerics:
+// - Statistics are two-pass over data already in cache, never E[x^2] - E[x]^2. The
+//   first pass sums x - s around a shift s (the row's first element), so float sums of
+//   rows with a large offset (mean 1e4, std 0.1) stay exact to a few ulp of the spread.
+// - The mean of such a row is not representable to the needed precision as one float
+//   (ulp(1e4) ~ 1e-3), so the normalize pass uses ((x - s) - d) with d = mean - s, and
+//   backward recovers the same correction from the cached float mean:
+//   c = mean(x - mean_f), xhat = ((x - mean_f) - c) * rstd.
+// - Rows whose Acc sums overflow although every input is finite (|x| ~ 1e19 and up in
+//   float) are redone in a wider type; NaN and Inf stay in their own row.
+#pragma once
+
+#include <cmath>
+
+#include "simd.hpp"
+
+namespace normkit {
+namespace detail {
+
+template <class T>
+struct Affine {
+  const T* weight = nullptr;  // [n] or null
+  const T* bias = nullptr;    // [n] or null
+};
+
+/// sum(x - s) (Shift) or sum(x). Four packet accumulators: enough independent adds to
+/// hide the add latency, and 4 * packet_size partial sums for accuracy.
+template <bool Shift, class Acc, class T>
+Acc row_sum(const T* x, Index n, Acc s) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  const P ps = pset1<P>(s);
+  P a0 = zero<Acc>(), a1 = zero<Acc>(), a2 = zero<Acc>(), a3 = zero<Acc>();
+  auto term = [&](const T* p) {
+    const P v = load<Acc>(p);
+    return Shift ? psub(v, ps) : v;
+  };
+  Index i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    a0 = padd(a0, term(x + i));
+    a1 = padd(a1, term(x + i + W));
+    a2 = padd(a2, term(x + i + 2 * W));
+    a3 = padd(a3, term(x + i + 3 * W));
+  }
+  for (; i + W <= n; i += W) a0 = padd(a0, term(x + i));
+  Acc r = predux(padd(padd(a0, a1), padd(a2, a3)));
+  for (; i < n; ++i) r += Shift ? static_cast<Acc>(x[i]) - s : static_cast<Acc>(x[i]);
+  return r;
+}
+
+/// sum(((x - s) - d)^2) (Center) or sum(x^2).
+template <bool Center, class Acc, class T>
+Acc row_sum_sq(const T* x, Index n, Acc s, Acc d) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  const P ps = pset1<P>(s), pd = pset1<P>(d);
+  P a0 = zero<Acc>(), a1 = zero<Acc>(), a2 = zero<Acc>(), a3 = zero<Acc>();
+  auto acc = [&](P a, const T* p) {
+    P v = load<Acc>(p);
+    if constexpr (Center) v = psub(psub(v, ps), pd);
+    return pmadd(v, v, a);
+  };
+  Index i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    a0 = acc(a0, x + i);
+    a1 = acc(a1, x + i + W);
+    a2 = acc(a2, x + i + 2 * W);
+    a3 = acc(a3, x + i + 3 * W);
+  }
+  for (; i + W <= n; i += W) a0 = acc(a0, x + i);
+  Acc r = predux(padd(padd(a0, a1), padd(a2, a3)));
+  for (; i < n; ++i) {
+    Acc v = static_cast<Acc>(x[i]);
+    if constexpr (Center) v = (v - s) - d;
+    r += v * v;
+  }
+  return r;
+}
+
+template <class T>
+bool all_finite(const T* x, Index n, Index stride = 1) {
+  for (Index i = 0; i < n; ++i)
+    if (!std::isfinite(static_cast<double>(x[i * stride]))) return false;
+  return true;
+}
+
+/// The whole row in a wider type: only for rows whose Acc sums overflowed.
+template <bool Center, class Acc, class T>
+void row_forward_wide(const T* x, T* y, Index n, Index stride, Acc eps, Affine<T> p,
+                      Acc& mean, Acc& rstd) {
+  using Wd = wide_t<Acc>;
+  Wd m = 0, ss = 0;
+  if constexpr (Center) {
+    for (Index i = 0; i < n; ++i) m += static_cast<Wd>(x[i * stride]);
+    m /= static_cast<Wd>(n);
+  }
+  for (Index i = 0; i < n; ++i) {
+    const Wd v = static_cast<Wd>(x[i * stride]) - m;
+    ss += v * v;
+  }
+  const Wd r = Wd(1) / std::sqrt(ss / static_cast<Wd>(n) + static_cast<Wd>(eps));
+  for (Index i = 0; i < n; ++i) {
+    Wd v = (static_cast<Wd>(x[i * stride]) - m) * r;
+    if (p.weight) v *= static_cast<Wd>(p.weight[i]);
+    if (p.bias) v += static_cast<Wd>(p.bias[i]);
+    y[i * stride] = static_cast<T>(static_cast<Acc>(v));
+  }
+  mean = static_cast<Acc>(m);
+  rstd = static_cast<Acc>(r);
+}
+
+/// One contiguous row: statistics, then y. y may alias x.
+template <bool Center, bool HasW, bool HasB, class Acc, class T>
+void row_forward(const T* x, T* y, Index n, Acc eps, Affine<T> p, bool stream, Acc& mean,
+                 Acc& rstd) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  Acc s = 0, d = 0;
+  if constexpr (Center) {
+    s = static_cast<Acc>(x[0]);
+    d = row_sum<true>(x, n, s) * inv_n;
+  }
+  const Acc var = row_sum_sq<Center>(x, n, s, d) * inv_n;
+  if (!std::isfinite(var) && all_finite(x, n)) {
+    row_forward_wide<Center>(x, y, n, 1, eps, p, mean, rstd);
+    return;
+  }
+  const Acc r = Acc(1) / std::sqrt(var + eps);
+  mean = s + d;
+  rstd = r;
+  const P ps = pset1<P>(s), pd = pset1<P>(d), pr = pset1<P>(r);
+  for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, bool st) {
+    P v = load_n<Acc>(x + i, cnt);
+    if constexpr (Center) v = psub(psub(v, ps), pd);
+    v = pmul(v, pr);
+    if constexpr (HasW && HasB)
+      v = pmadd(v, load_n<Acc>(p.weight + i, cnt), load_n<Acc>(p.bias + i, cnt));
+    else if constexpr (HasW)
+      v = pmul(v, load_n<Acc>(p.weight + i, cnt));
+    else if constexpr (HasB)
+      v = padd(v, load_n<Acc>(p.bias + i, cnt));
+    store_n<Acc>(y + i, v, cnt, st);
+  });
+}
+
+/// Row backward in a wider type (rows whose sums overflowed Acc).
+template <bool Center, class Acc, class T>
+void row_backward_wide(const T* x, const T* dy, T* dx, Index n, Index stride, Acc mean, Acc rstd,
+                       const T* w, Acc* dw, Acc* db) {
+  using Wd = wide_t<Acc>;
+  const Wd r = rstd, nn = static_cast<Wd>(n);
+  Wd m = 0;
+  if constexpr (Center) {
+    for (Index i = 0; i < n; ++i) m += static_cast<Wd>(x[i * stride]);
+    m /= nn;
+  }
+  (void)mean;
+  Wd sg = 0, sgx = 0;
+  for (Index i = 0; i < n; ++i) {
+    const Wd g = static_cast<Wd>(dy[i * stride]) * (w ? static_cast<Wd>(w[i]) : Wd(1));
+    sg += g;
+    sgx += g * (static_cast<Wd>(x[i * stride]) - m) * r;
+  }
+  const Wd mg = Center ? sg / nn : Wd(0), mgx = sgx / nn;
+  for (Index i = 0; i < n; ++i) {
+    const Wd xh = (static_cast<Wd>(x[i * stride]) - m) * r;
+    const Wd d = static_cast<Wd>(dy[i * stride]);
+    const Wd g = d * (w ? static_cast<Wd>(w[i]) : Wd(1));
+    if (dw) dw[i] += static_cast<Acc>(d * xh);
+    if (db) db[i] += static_cast<Acc>(d);
+    dx[i * stride] = static_cast<T>(static_cast<Acc>(r * (g - mg - xh * mgx)));
+  }
+}
+
+/// One contiguous row of backward. dw/db (Acc partials, or null) are accumulated into;
+/// dx may alias x or dy.
+template <bool Center, bool HasW, class Acc, class T>
+void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, const T* w,
+                  Acc* dw, Acc* db) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  const P pm = pset1<P>(mean);
+  // Pass 1: A = sum(x - mean), B = sum(g), C = sum(g * (x - mean)), two accumulators
+  // each to keep the dependency chains short.
+  P a0 = zero<Acc>(), a1 = zero<Acc>(), b0 = zero<Acc>(), b1 = zero<Acc>();
+  P c0 = zero<Acc>(), c1 = zero<Acc>();
+  Index i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    for (int u = 0; u < 2; ++u) {
+      P xm = load<Acc>(x + i + u * W);
+      if constexpr (Center) xm = psub(xm, pm);
+      P g = load<Acc>(dy + i + u * W);
+      if constexpr (HasW) g = pmul(g, load<Acc>(w + i + u * W));
+      P& a = u ? a1 : a0;
+      P& b = u ? b1 : b0;
+      P& c = u ? c1 : c0;
+      if constexpr (Center) a = padd(a, xm);
+      b = padd(b, g);
+      c = pmadd(g, xm, c);
+    }
+  }
+  Acc A = predux(padd(a0, a1)), B = predux(padd(b0, b1)), C = predux(padd(c0, c1));
+  for (; i < n; ++i) {
+    const Acc xm = static_cast<Acc>(x[i]) - (Center ? mean : Acc(0));
+    Acc g = static_cast<Acc>(dy[i]);
+    if constexpr (HasW) g *= static_cast<Acc>(w[i]);
+    A += xm;
+    B += g;
+    C += g * xm;
+  }
+  if (!(std::isfinite(A) && std::isfinite(B) && std::isfinite(C)) && all_finite(x, n) &&
+      all_finite(dy, n) && std::isfinite(mean) && std::isfinite(rstd)) {
+    row_backward_wide<Center>(x, dy, dx, n, 1, mean, rstd, HasW ? w : nullptr, dw, db);
+    return;
+  }
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  const Acc c = Center ? A * inv_n : Acc(0);  // mean(x) - mean_f, below float resolution
+  const Acc mg = Center ? B * inv_n : Acc(0);
+  const Acc mgx = rstd * (Center ? C - c * B : C) * inv_n;  // mean(g * xhat)
+  const P pc = pset1<P>(c), pr = pset1<P>(rstd), pmg = pset1<P>(mg), pmgx = pset1<P>(mgx);
+  // Pass 2: dx, and the parameter-gradient partials.
+  for_each_packet<Acc>(dx, n, false, [&](Index j, Index cnt, bool) {
+    P xh = load_n<Acc>(x + j, cnt);
+    if constexpr (Center) xh = psub(psub(xh, pm), pc);
+    xh = pmul(xh, pr);
+    const P d = load_n<Acc>(dy + j, cnt);
+    P g = d;
+    if constexpr (HasW) g = pmul(g, load_n<Acc>(w + j, cnt));
+    if (dw) store_n<Acc>(dw + j, pmadd(d, xh, load_n<Acc>(dw + j, cnt)), cnt, false);
+    if (db) store_n<Acc>(db + j, padd(d, load_n<Acc>(db + j, cnt)), cnt, false);
+    // rstd * (g - mg - xh * mgx)
+    const P v = pmul(pr, psub(psub(g, pmg), pmul(xh, pmgx)));
+    store_n<Acc>(dx + j, v, cnt, false);
+  });
+}
+
+// ---- Features strided by `ld`: a tile of up to kColTile columns at a time ----------
+//
+// A ColMajor tensor keeps feature f of "row" c at f * ld + c. A tile of columns is
+// walked feature by feature, so each step reads kColTile contiguous values, and the
+// per-column accumulators stay in registers. The tile (F x kColTile) is sized to stay
+// in L2 between the passes.
+
+inline constexpr Index kColTile = 64;
+
+template <class Acc>
+inline constexpr Index col_packets = kColTile / packet_size<Acc>;
+
+/// Statistics and y for columns [0, nc) of a tile, nc <= kColTile.
+template <bool Center, bool HasW, bool HasB, class Acc, class T>
+void cols_forward(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, Affine<T> p,
+                  bool stream, Acc* mean, Acc* rstd) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  const Index np = (nc + W - 1) / W;
+  auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
+  const P inv_f = pset1<P>(Acc(1) / static_cast<Acc>(F));
+  P s[col_packets<Acc>], d[col_packets<Acc>], r[col_packets<Acc>];
+  for (Index k = 0; k < np; ++k) {
+    s[k] = Center ? load_n<Acc>(x + k * W, cnt(k)) : zero<Acc>();
+    d[k] = zero<Acc>();
+    r[k] = zero<Acc>();
+  }
+  if constexpr (Center) {
+    for (Index f = 0; f < F; ++f)
+      for (Index k = 0; k < np; ++k)
+        d[k] = padd(d[k], psub(load_n<Acc>(x + f * ld + k * W, cnt(k)), s[k]));
+    for (Index k = 0; k < np; ++k) d[k] = pmul(d[k], inv_f);
+  }
+  for (Index f = 0; f < F; ++f)
+    for (Index k = 0; k < np; ++k) {
+      P v = load_n<Acc>(x + f * ld + k * W, cnt(k));
+      if constexpr (Center) v = psub(psub(v, s[k]), d[k]);
+      r[k] = pmadd(v, v, r[k]);
+    }
+  const P pe = pset1<P>(eps), one = pset1<P>(Acc(1));
+  bool overflow = false;
+  for (Index k = 0; k < np; ++k) {
+    const P var = pmul(r[k], inv_f);
+    r[k] = pdiv(one, Eigen::internal::psqrt(padd(var, pe)));
+    store_n<Acc>(mean + k * W, padd(s[k], d[k]), cnt(k), false);
+    store_n<Acc>(rstd + k * W, r[k], cnt(k), false);
+    alignas(64) Acc tmp[W];
+    Eigen::internal::pstore(tmp, var);
+    for (Index l = 0; l < cnt(k); ++l) overflow |= !std::isfinite(tmp[l]);
+  }
+  for (Index f = 0; f < F; ++f) {
+    const P wf = pset1<P>(HasW ? static_cast<Acc>(p.weight[f]) : Acc(1));
+    const P bf = pset1<P>(HasB ? static_cast<Acc>(p.bias[f]) : Acc(0));
+    for (Index k = 0; k < np; ++k) {
+      P v = load_n<Acc>(x + f * ld + k * W, cnt(k));
+      if constexpr (Center) v = psub(psub(v, s[k]), d[k]);
+      v = pmul(v, r[k]);
+      if constexpr (HasW && HasB)
+        v = pmadd(v, wf, bf);
+      else if constexpr (HasW)
+        v = pmul(v, wf);
+      else if constexpr (HasB)
+        v = padd(v, bf);
+      T* out = y + f * ld + k * W;
+      store_n<Acc>(out, v, cnt(k), stream && simd::misalignment<Acc>(out) == 0);
+    }
+  }
+  if (overflow) {  // rare: redo the overflowing columns in a wider type
+    for (Index c = 0; c < nc; ++c) {
+      const Acc var = Acc(1) / (rstd[c] * rstd[c]);
+      if (std::isfinite(rstd[c]) && rstd[c] > Acc(0) && std::isfinite(var)) continue;
+      if (all_finite(x + c, F, ld))
+        row_forward_wide<Center>(x + c, y + c, F, ld, eps, p, mean[c], rstd[c]);
+    }
+  }
+}
+
+/// Backward for columns [0, nc) of a tile. dw/db: per-feature Acc partials (or null).
+template <bool Center, bool HasW, class Acc, class T>
+void cols_backward(const T* x, const T* dy, T* dx, Index F, Index ld, Index nc, const Acc* mean,
+                   const Acc* rstd, const T* w, Acc* dw, Acc* db) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  const Index np = (nc + W - 1) / W;
+  auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
+  P m[col_packets<Acc>], r[col_packets<Acc>], A[col_packets<Acc>], B[col_packets<Acc>],
+      C[col_packets<Acc>];
+  for (Index k = 0; k < np; ++k) {
+    m[k] = Center ? load_n<Acc>(mean + k * W, cnt(k)) : zero<Acc>();
+    r[k] = load_n<Acc>(rstd + k * W, cnt(k));
+    A[k] = B[k] = C[k] = zero<Acc>();
+  }
+  for (Index f = 0; f < F; ++f) {
+    const P wf = pset1<P>(HasW ? static_cast<Acc>(w[f]) : Acc(1));
+    for (Index k = 0; k < np; ++k) {
+      P xm = load_n<Acc>(x + f * ld + k * W, cnt(k));
+      if constexpr (Center) xm = psub(xm, m[k]);
+      P g = load_n<Acc>(dy + f * ld + k * W, cnt(k));
+      if constexpr (HasW) g = pmul(g, wf);
+      A[k] = padd(A[k], xm);
+      B[k] = padd(B[k], g);
+      C[k] = pmadd(g, xm, C[k]);
+    }
+  }
+  // A, B, C become the correction c, mean(g) and mean(g * xhat) (see row_backward).
+  const P inv_f = pset1<P>(Acc(1) / static_cast<Acc>(F));
+  bool overflow = false;
+  for (Index k = 0; k < np; ++k) {
+    const P c = Center ? pmul(A[k], inv_f) : zero<Acc>();
+    const P mgx = pmul(pmul(r[k], Center ? psub(C[k], pmul(c, B[k])) : C[k]), inv_f);
+    A[k] = c;
+    B[k] = Center ? pmul(B[k], inv_f) : zero<Acc>();
+    C[k] = mgx;
+    alignas(64) Acc tmp[W];
+    Eigen::internal::pstore(tmp, mgx);
+    for (Index l = 0; l < cnt(k); ++l) overflow |= !std::isfinite(tmp[l]);
+  }
+  if (overflow) {
+    // Rare (sums overflowed): do the whole tile column by column in a wider type.
+    for (Index c = 0; c < nc; ++c)
+      row_backward_wide<Center>(x + c, dy + c, dx + c, F, ld, mean[c], rstd[c],
+                                HasW ? w : nullptr, dw, db);
+    return;
+  }
+  for (Index f = 0; f < F; ++f) {
+    const P wf = pset1<P>(HasW ? static_cast<Acc>(w[f]) : Acc(1));
+    P sdw = zero<Acc>(), sdb = zero<Acc>();
+    for (Index k = 0; k < np; ++k) {
+      P xh = load_n<Acc>(x + f * ld + k * W, cnt(k));
+      if constexpr (Center) xh = psub(psub(xh, m[k]), A[k]);
+      xh = pmul(xh, r[k]);
+      const P d = load_n<Acc>(dy + f * ld + k * W, cnt(k));
+      const P g = HasW ? pmul(d, wf) : d;
+      sdw = pmadd(d, xh, sdw);
+      sdb = padd(sdb, d);
+      store_n<Acc>(dx + f * ld + k * W, pmul(r[k], psub(psub(g, B[k]), pmul(xh, C[k]))), cnt(k),
+                   false);
+    }
+    if (dw) dw[f] += predux(sdw);
+    if (db) db[f] += predux(sdb);
+  }
+}
+
+}  // namespace detail
+}  // namespace normkit

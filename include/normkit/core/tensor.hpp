@@ -1,0 +1,138 @@
+// Tensor and device traits, and the canonical strided view every kernel works on.
+//
+// A layer sees a tensor of any rank and either layout as a 3-D block in memory order
+//   [outer, mid, inner]   (strides mid*inner, inner, 1)
+// where `mid` is the flattened run of logical dims the layer cares about (the
+// normalized dims of LayerNorm, the channel axis of BatchNorm and DyT). RowMajor puts
+// the leading logical dims in `outer`; ColMajor, whose memory order is the reverse of
+// the logical one, puts them in `inner`.
+#pragma once
+
+#include <array>
+#include <type_traits>
+#include <vector>
+
+#define EIGEN_USE_THREADS
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include "error.hpp"
+
+namespace normkit {
+namespace detail {
+
+template <class T>
+struct tensor_traits {
+  static constexpr bool value = false;
+};
+
+template <class S, int R, int Opt, class I>
+struct tensor_traits<Eigen::Tensor<S, R, Opt, I>> {
+  static constexpr bool value = true;
+  using scalar = S;
+  static constexpr int rank = R;
+  static constexpr bool row_major = (Opt & Eigen::RowMajor) != 0;
+  static constexpr bool writable = true;
+};
+
+template <class S, int R, int Opt, class I, int MapOpt, template <class> class MP>
+struct tensor_traits<Eigen::TensorMap<Eigen::Tensor<S, R, Opt, I>, MapOpt, MP>> {
+  static constexpr bool value = true;
+  using scalar = std::remove_const_t<S>;
+  static constexpr int rank = R;
+  static constexpr bool row_major = (Opt & Eigen::RowMajor) != 0;
+  static constexpr bool writable = !std::is_const_v<S>;
+};
+
+template <class S, int R, int Opt, class I, int MapOpt, template <class> class MP>
+struct tensor_traits<Eigen::TensorMap<const Eigen::Tensor<S, R, Opt, I>, MapOpt, MP>>
+    : tensor_traits<Eigen::TensorMap<Eigen::Tensor<const S, R, Opt, I>, MapOpt, MP>> {};
+
+template <class X>
+using traits_of = tensor_traits<std::remove_cv_t<std::remove_reference_t<X>>>;
+
+template <class X>
+inline constexpr bool is_tensor_v = traits_of<X>::value;
+
+template <class D>
+inline constexpr bool is_device_v =
+    std::is_same_v<std::remove_cv_t<std::remove_reference_t<D>>, Eigen::DefaultDevice> ||
+    std::is_same_v<std::remove_cv_t<std::remove_reference_t<D>>, Eigen::ThreadPoolDevice>;
+
+template <class... X>
+using enable_if_tensors_t = std::enable_if_t<(is_tensor_v<X> && ...), int>;
+
+template <class D, class... X>
+using enable_if_device_tensors_t = std::enable_if_t<is_device_v<D> && (is_tensor_v<X> && ...), int>;
+
+template <class X>
+std::vector<Index> dims_of(const X& x) {
+  std::vector<Index> d(traits_of<X>::rank);
+  for (int i = 0; i < traits_of<X>::rank; ++i) d[i] = x.dimension(i);
+  return d;
+}
+
+inline Index product(const std::vector<Index>& d, std::size_t first, std::size_t last) {
+  Index p = 1;
+  for (std::size_t i = first; i < last; ++i) p *= d[i];
+  return p;
+}
+
+/// [outer, mid, inner] in memory order, for the logical dims [first, last) as `mid`.
+struct Block3 {
+  Index outer = 1, mid = 1, inner = 1;
+  Index size() const { return outer * mid * inner; }
+};
+
+inline Block3 block3(const std::vector<Index>& dims, bool row_major, std::size_t first,
+                     std::size_t last) {
+  Block3 b;
+  b.mid = product(dims, first, last);
+  const Index before = product(dims, 0, first), after = product(dims, last, dims.size());
+  b.outer = row_major ? before : after;
+  b.inner = row_major ? after : before;
+  return b;
+}
+
+/// Parameters are indexed by the logical (row-major) flattening of the `mid` dims, as
+/// in PyTorch. A ColMajor tensor stores several `mid` dims in column-major order; this
+/// gives, for each memory position inside `mid`, the parameter index. Empty when the
+/// two orders agree (RowMajor, or a single `mid` dim).
+inline std::vector<Index> mid_permutation(const std::vector<Index>& dims, bool row_major,
+                                          std::size_t first, std::size_t last) {
+  std::vector<Index> perm;
+  if (row_major || last - first < 2) return perm;
+  const Index n = product(dims, first, last);
+  perm.resize(static_cast<std::size_t>(n));
+  std::vector<Index> idx(last - first, 0);
+  for (Index m = 0; m < n; ++m) {  // m walks memory (column-major) order
+    Index logical = 0;
+    for (std::size_t k = 0; k < idx.size(); ++k) logical = logical * dims[first + k] + idx[k];
+    perm[static_cast<std::size_t>(m)] = logical;
+    for (std::size_t k = 0; k < idx.size(); ++k) {
+      if (++idx[k] < dims[first + k]) break;
+      idx[k] = 0;
+    }
+  }
+  return perm;
+}
+
+/// Pointer to the first element, writable or not as the tensor allows.
+template <class X>
+auto data_of(X& x) {
+  return x.data();
+}
+
+/// True when [a, a+n) and [b, b+n) overlap without being the same range: exact aliasing
+/// is a supported in-place call, a shifted overlap is not.
+template <class A, class B>
+bool partial_overlap(const A* a, const B* b, Index n) {
+  const auto pa = reinterpret_cast<std::uintptr_t>(a);
+  const auto pb = reinterpret_cast<std::uintptr_t>(b);
+  if (pa == pb || n == 0) return false;
+  const auto bytes_a = static_cast<std::uintptr_t>(n) * sizeof(A);
+  const auto bytes_b = static_cast<std::uintptr_t>(n) * sizeof(B);
+  return pa < pb + bytes_b && pb < pa + bytes_a;
+}
+
+}  // namespace detail
+}  // namespace normkit

@@ -1,0 +1,371 @@
+// The engine shared by LayerNorm and RMSNorm: argument checks, layout dispatch,
+// threading and the fixed-order reduction of parameter gradients. The layers add only
+// their options, their names and their public surface.
+#pragma once
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "norm_kernels.hpp"
+#include "parallel.hpp"
+
+namespace normkit {
+namespace detail {
+
+/// What backward needs from a training forward: one rstd (and, for LayerNorm, one
+/// mean) per normalized row, indexed by the row-major flattening of x's leading dims
+/// whatever x's layout, plus the shape of x, to refuse a cache from another input.
+template <class Acc>
+struct RmsCache {
+  Eigen::Tensor<Acc, 1> rstd;  // [rows]
+  std::vector<Index> x_dims;   // shape of the x it was computed from; empty: not filled
+  bool empty() const { return x_dims.empty(); }
+};
+
+template <class Acc>
+struct MeanRmsCache : RmsCache<Acc> {
+  Eigen::Tensor<Acc, 1> mean;  // [rows]
+};
+
+template <class Acc, bool Center>
+using NormCache = std::conditional_t<Center, MeanRmsCache<Acc>, RmsCache<Acc>>;
+
+/// Calls f(std::bool_constant<a>, std::bool_constant<b>): runtime flags to template
+/// arguments, so that the inner loops carry no branches.
+template <class F>
+decltype(auto) dispatch2(bool a, bool b, F&& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (a) return b ? f(T{}, T{}) : f(T{}, N{});
+  return b ? f(N{}, T{}) : f(N{}, N{});
+}
+
+template <class T>
+inline void validate_eps(const char* layer, double eps) {
+  if (!(eps > 0) || !std::isfinite(eps))
+    fail(layer, ": eps must be a finite number > 0, got ", eps);
+}
+
+template <class T, bool Center>
+class TrailingNorm {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> ||
+                    std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
+                "normkit layers take float, double, Eigen::half or Eigen::bfloat16");
+
+ public:
+  using Scalar = T;
+  using Acc = acc_t<T>;
+  using Cache = NormCache<Acc, Center>;
+
+  /// Parameter gradients. backward() overwrites them (it does not accumulate): sum
+  /// them yourself across micro-batches.
+  struct Grads {
+    Eigen::Tensor<T, 1> weight;  // [features], empty without elementwise_affine
+    Eigen::Tensor<T, 1> bias;    // [features], empty without a bias
+    Workspace<Acc> work;         // reused scratch for the per-block partial sums
+  };
+
+  /// Inference: y = norm(x). y may be x itself (in place).
+  template <class X, class Y, enable_if_tensors_t<X, Y> = 0>
+  void forward(const X& x, Y&& y) const {
+    forward_impl(Eigen::DefaultDevice(), x, y, nullptr);
+  }
+  /// Training: also fills `cache` for backward.
+  template <class X, class Y, enable_if_tensors_t<X, Y> = 0>
+  void forward(const X& x, Y&& y, Cache& cache) const {
+    forward_impl(Eigen::DefaultDevice(), x, y, &cache);
+  }
+  template <class Device, class X, class Y, enable_if_device_tensors_t<Device, X, Y> = 0>
+  void forward(const Device& dev, const X& x, Y&& y) const {
+    forward_impl(dev, x, y, nullptr);
+  }
+  template <class Device, class X, class Y, enable_if_device_tensors_t<Device, X, Y> = 0>
+  void forward(const Device& dev, const X& x, Y&& y, Cache& cache) const {
+    forward_impl(dev, x, y, &cache);
+  }
+
+  /// dx (overwritten) and the parameter gradients (overwritten) from the x and cache of
+  /// a training forward. dx may be x or dy itself.
+  template <class X, class DY, class DX, enable_if_tensors_t<X, DY, DX> = 0>
+  void backward(const X& x, const DY& dy, const Cache& cache, DX&& dx, Grads& grads) const {
+    backward_impl(Eigen::DefaultDevice(), x, dy, cache, dx, grads);
+  }
+  template <class Device, class X, class DY, class DX,
+            enable_if_device_tensors_t<Device, X, DY, DX> = 0>
+  void backward(const Device& dev, const X& x, const DY& dy, const Cache& cache, DX&& dx,
+                Grads& grads) const {
+    backward_impl(dev, x, dy, cache, dx, grads);
+  }
+
+  Eigen::Tensor<T, 1>& weight() { return weight_; }
+  const Eigen::Tensor<T, 1>& weight() const { return weight_; }
+  const std::vector<Index>& normalized_shape() const { return shape_; }
+  Index features() const { return features_; }
+  double eps() const { return eps_; }
+  bool elementwise_affine() const { return affine_; }
+
+ protected:
+  TrailingNorm(const char* name, std::vector<Index> shape, double eps, bool affine, bool bias)
+      : name_(name), shape_(std::move(shape)), eps_(eps), affine_(affine), has_bias_(affine && bias) {
+    if (shape_.empty()) fail(name_, ": normalized_shape is empty, expected at least one dim");
+    for (Index d : shape_)
+      if (d < 0) fail(name_, ": normalized_shape ", shape_str(shape_), " has a negative dim");
+    validate_eps<T>(name_, eps);
+    features_ = product(shape_, 0, shape_.size());
+    if (affine_) {
+      weight_.resize(features_);
+      weight_.setConstant(T(1));
+    }
+    if (has_bias_) {
+      bias_.resize(features_);
+      bias_.setConstant(T(0));
+    }
+  }
+
+  template <class Dev, class X, class Y>
+  void forward_impl(const Dev& dev, const X& x, Y& y, Cache* cache) const {
+    static_assert(traits_of<Y>::writable, "normkit: the output y must be writable");
+    check_same_type<X, Y>();
+    const std::string fn = std::string(name_) + "::forward";
+    const std::vector<Index> dims = check_x(fn, x);
+    check_like(fn, "y", dims_of(y), dims);
+    if (partial_overlap(x.data(), y.data(), x.size()))
+      fail(fn, ": y partially overlaps x (only y == x, in place, is supported)");
+
+    const Index rows = x.size() == 0 ? 0 : x.size() / std::max<Index>(features_, 1);
+    if (cache) {
+      cache->rstd.resize(rows);
+      if constexpr (Center) cache->mean.resize(rows);
+      cache->x_dims = dims;
+    }
+    if (x.size() == 0) return;
+
+    constexpr bool row_major = traits_of<X>::row_major;
+    const Index F = features_;
+    const T* xp = x.data();
+    T* yp = y.data();
+    const bool stream = simd::can_stream_v<T> &&
+                        static_cast<std::size_t>(x.size()) * sizeof(T) >= simd::kStreamBytes;
+    const std::vector<Index> fperm = param_permutation(dims, row_major);
+    const Eigen::Tensor<T, 1> w = permuted(weight_, fperm), b = permuted(bias_, fperm);
+    const Affine<T> p{affine_ ? (fperm.empty() ? weight_.data() : w.data()) : nullptr,
+                      has_bias_ ? (fperm.empty() ? bias_.data() : b.data()) : nullptr};
+    Acc* mean = nullptr;
+    Acc* rstd = cache ? cache->rstd.data() : nullptr;
+    if constexpr (Center) mean = cache ? cache->mean.data() : nullptr;
+    const Acc eps = static_cast<Acc>(eps_);
+
+    dispatch2(p.weight != nullptr, p.bias != nullptr, [&](auto hw, auto hb) {
+      constexpr bool HasW = decltype(hw)::value, HasB = decltype(hb)::value;
+      if constexpr (row_major) {
+        parallel_for(dev, rows, 2.0 * F * sizeof(T), 10.0 * F, [&](Index r0, Index r1) {
+          for (Index r = r0; r < r1; ++r) {
+            Acc m, s;
+            row_forward<Center, HasW, HasB>(xp + r * F, yp + r * F, F, eps, p, stream, m, s);
+            if (rstd) rstd[r] = s;
+            if constexpr (Center)
+              if (mean) mean[r] = m;
+          }
+          if (stream) simd::stream_fence();
+        });
+      } else {
+        const std::vector<Index> perm = row_permutation(dims);
+        const Index tiles = (rows + kColTile - 1) / kColTile;
+        parallel_for(dev, tiles, 2.0 * F * kColTile * sizeof(T), 10.0 * F * kColTile,
+                     [&](Index t0, Index t1) {
+                       for (Index t = t0; t < t1; ++t) {
+                         const Index c0 = t * kColTile, nc = std::min(kColTile, rows - c0);
+                         Acc m[kColTile], s[kColTile];
+                         cols_forward<Center, HasW, HasB>(xp + c0, yp + c0, F, rows, nc, eps, p,
+                                                          stream, m, s);
+                         for (Index c = 0; c < nc; ++c) {
+                           const Index r = perm.empty() ? c0 + c : perm[c0 + c];
+                           if (rstd) rstd[r] = s[c];
+                           if constexpr (Center)
+                             if (mean) mean[r] = m[c];
+                         }
+                       }
+                       if (stream) simd::stream_fence();
+                     });
+      }
+    });
+  }
+
+  template <class Dev, class X, class DY, class DX>
+  void backward_impl(const Dev& dev, const X& x, const DY& dy, const Cache& cache, DX& dx,
+                     Grads& grads) const {
+    static_assert(traits_of<DX>::writable, "normkit: the output dx must be writable");
+    check_same_type<X, DY>();
+    check_same_type<X, DX>();
+    const std::string fn = std::string(name_) + "::backward";
+    const std::vector<Index> dims = check_x(fn, x);
+    check_like(fn, "dy", dims_of(dy), dims);
+    check_like(fn, "dx", dims_of(dx), dims);
+    if (cache.empty())
+      fail(fn, ": cache is empty, expected the cache filled by forward(x, y, cache)");
+    if (cache.x_dims != dims)
+      fail(fn, ": cache is from x of shape ", shape_str(cache.x_dims), ", but x is ",
+           shape_str(dims));
+    const Index rows = x.size() == 0 ? 0 : x.size() / std::max<Index>(features_, 1);
+    if (cache.rstd.size() != rows || (Center && cache_mean_size(cache) != rows))
+      fail(fn, ": cache holds ", cache.rstd.size(), " rows of statistics, expected ", rows);
+    if (partial_overlap(x.data(), dx.data(), x.size()))
+      fail(fn, ": dx partially overlaps x (only dx == x or dx == dy is supported)");
+    if (partial_overlap(dy.data(), dx.data(), x.size()))
+      fail(fn, ": dx partially overlaps dy (only dx == x or dx == dy is supported)");
+
+    const Index F = features_;
+    if (affine_) grads.weight.resize(F);
+    if (has_bias_) grads.bias.resize(F);
+    if (!affine_) grads.weight.resize(0);
+    if (!has_bias_) grads.bias.resize(0);
+    if (x.size() == 0) {
+      if (affine_) grads.weight.setConstant(T(0));
+      if (has_bias_) grads.bias.setConstant(T(0));
+      return;
+    }
+
+    constexpr bool row_major = traits_of<X>::row_major;
+    const T* xp = x.data();
+    const T* dyp = dy.data();
+    T* dxp = dx.data();
+    const std::vector<Index> fperm = param_permutation(dims, row_major);
+    const Eigen::Tensor<T, 1> w = permuted(weight_, fperm);
+    const T* wp = affine_ ? (fperm.empty() ? weight_.data() : w.data()) : nullptr;
+    const Index nparts = (affine_ ? 1 : 0) + (has_bias_ ? 1 : 0);
+    const Index tiles = (rows + kColTile - 1) / kColTile;
+    const Blocking bl = row_major ? fixed_blocking(rows, 16) : fixed_blocking(tiles, 1);
+    Acc* partial = nparts ? grads.work.get(static_cast<std::size_t>(bl.blocks * F * nparts))
+                          : nullptr;
+    const Acc* mean = nullptr;
+    if constexpr (Center) mean = cache.mean.data();
+    const Acc* rstd = cache.rstd.data();
+    const std::vector<Index> perm = row_major ? std::vector<Index>() : row_permutation(dims);
+    const bool has_bias = has_bias_;
+
+    dispatch2(wp != nullptr, false, [&](auto hw, auto) {
+      constexpr bool HasW = decltype(hw)::value;
+      const double items = row_major ? double(bl.per_block) : double(bl.per_block * kColTile);
+      parallel_for(dev, bl.blocks, 3.0 * F * sizeof(T) * items, 12.0 * F * items,
+                   [&](Index b0, Index b1) {
+                     for (Index b = b0; b < b1; ++b) {
+                       Acc* dw = partial ? partial + b * F * nparts : nullptr;
+                       Acc* db = has_bias ? dw + F : nullptr;
+                       if (partial) std::fill(dw, dw + F * nparts, Acc(0));
+                       if (!HasW) dw = nullptr;
+                       for (Index i = bl.begin(b); i < bl.end(b); ++i) {
+                         if constexpr (row_major) {
+                           const Acc m = Center ? mean[i] : Acc(0);
+                           row_backward<Center, HasW>(xp + i * F, dyp + i * F, dxp + i * F, F, m,
+                                                      rstd[i], wp, dw, db);
+                         } else {
+                           const Index c0 = i * kColTile, nc = std::min(kColTile, rows - c0);
+                           Acc m[kColTile] = {}, s[kColTile];
+                           for (Index c = 0; c < nc; ++c) {
+                             const Index r = perm.empty() ? c0 + c : perm[c0 + c];
+                             if constexpr (Center) m[c] = mean[r];
+                             s[c] = rstd[r];
+                           }
+                           cols_backward<Center, HasW>(xp + c0, dyp + c0, dxp + c0, F, rows, nc,
+                                                       m, s, wp, dw, db);
+                         }
+                       }
+                     }
+                   });
+    });
+    if (!nparts) return;
+    // Combine the block partials in block order: the same bits for any thread count.
+    parallel_for(dev, F, double(bl.blocks * nparts * sizeof(Acc)), double(bl.blocks * nparts),
+                 [&](Index f0, Index f1) {
+                   for (Index f = f0; f < f1; ++f) {
+                     Acc sw = 0, sb = 0;
+                     for (Index b = 0; b < bl.blocks; ++b) {
+                       const Acc* part = partial + b * F * nparts;
+                       if (affine_) sw += part[f];
+                       if (has_bias_) sb += part[F + f];
+                     }
+                     const Index o = fperm.empty() ? f : fperm[f];
+                     if (affine_) grads.weight(o) = static_cast<T>(sw);
+                     if (has_bias_) grads.bias(o) = static_cast<T>(sb);
+                   }
+                 });
+  }
+
+  const char* name_;
+  std::vector<Index> shape_;  // normalized_shape
+  Index features_ = 0;        // its product
+  double eps_;
+  bool affine_, has_bias_;
+  Eigen::Tensor<T, 1> weight_, bias_;  // [features], row-major flattening of shape_
+
+ private:
+  static Index cache_mean_size(const Cache& c) {
+    if constexpr (Center)
+      return c.mean.size();
+    else
+      return c.rstd.size();
+  }
+
+  template <class X, class Y>
+  static constexpr void check_same_type() {
+    static_assert(std::is_same_v<typename traits_of<X>::scalar, T>,
+                  "normkit: tensor scalar type differs from the layer's");
+    static_assert(std::is_same_v<typename traits_of<Y>::scalar, T>,
+                  "normkit: tensor scalar type differs from the layer's");
+    static_assert(traits_of<X>::rank == traits_of<Y>::rank,
+                  "normkit: input and output tensors differ in rank");
+    static_assert(traits_of<X>::row_major == traits_of<Y>::row_major,
+                  "normkit: input and output tensors differ in layout (RowMajor/ColMajor)");
+  }
+
+  /// x's dims, after checking them against normalized_shape.
+  template <class X>
+  std::vector<Index> check_x(const std::string& fn, const X& x) const {
+    std::vector<Index> dims = dims_of(x);
+    const std::size_t k = shape_.size(), r = dims.size();
+    if (r < k)
+      fail(fn, ": x has rank ", r, ", expected rank >= ", k, " (normalized_shape is ",
+           shape_str(shape_), ")");
+    const std::vector<Index> trailing(dims.end() - static_cast<std::ptrdiff_t>(k), dims.end());
+    if (trailing != shape_) {
+      if (k == 1)
+        fail(fn, ": x has ", trailing[0], " features, expected ", shape_[0], " (x is ",
+             shape_str(dims), ")");
+      fail(fn, ": x has trailing dims ", shape_str(trailing), ", expected normalized_shape ",
+           shape_str(shape_), " (x is ", shape_str(dims), ")");
+    }
+    return dims;
+  }
+
+  static void check_like(const std::string& fn, const char* arg, const std::vector<Index>& got,
+                         const std::vector<Index>& want) {
+    if (got != want)
+      fail(fn, ": ", arg, " is ", shape_str(got), ", expected ", shape_str(want),
+           " (the shape of x)");
+  }
+
+  /// For memory position m inside the normalized block, the parameter index.
+  std::vector<Index> param_permutation(const std::vector<Index>& dims, bool row_major) const {
+    return mid_permutation(dims, row_major, dims.size() - shape_.size(), dims.size());
+  }
+
+  /// For memory position c among a ColMajor tensor's rows, the row-major row index.
+  std::vector<Index> row_permutation(const std::vector<Index>& dims) const {
+    return mid_permutation(dims, false, 0, dims.size() - shape_.size());
+  }
+
+  /// The parameter vector in the order x stores its normalized block (empty when that
+  /// is the parameter order already: use the parameter itself).
+  static Eigen::Tensor<T, 1> permuted(const Eigen::Tensor<T, 1>& p, const std::vector<Index>& perm) {
+    if (perm.empty() || p.size() == 0) return Eigen::Tensor<T, 1>();
+    Eigen::Tensor<T, 1> out(p.size());
+    for (Index m = 0; m < p.size(); ++m) out(m) = p(perm[m]);
+    return out;
+  }
+};
+
+}  // namespace detail
+}  // namespace normkit

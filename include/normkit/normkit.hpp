@@ -1,0 +1,5 @@
+// normkit: normalization layers over Eigen tensors. Include this one header.
+#pragma once
+
+#include "layer_norm.hpp"
+#include "rms_norm.hpp"
