@@ -9,12 +9,28 @@
 //   derivation: docs/derivations/rms_norm.md
 #pragma once
 
+#include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "core/trailing_norm.hpp"
 
 namespace normkit {
+
+namespace detail {
+/// The spacing of T at 1, as torch.finfo(dtype).eps. (Eigen's NumTraits<half>::epsilon()
+/// is 2^-13, not half's 2^-10, so it cannot be used here.)
+template <class T>
+double machine_epsilon() {
+  if constexpr (std::is_same_v<T, Eigen::half>)
+    return 0.0009765625;  // 2^-10
+  else if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+    return 0.0078125;  // 2^-7
+  else
+    return static_cast<double>(std::numeric_limits<T>::epsilon());
+}
+}  // namespace detail
 
 /// Options of RMSNorm. eps unset means the machine epsilon of the layer's scalar type,
 /// as torch.nn.RMSNorm(eps=None).
@@ -45,7 +61,7 @@ class RMSNorm : public detail::TrailingNorm<T, false> {
       : RMSNorm(std::vector<Index>{features}, options) {}
   explicit RMSNorm(std::vector<Index> normalized_shape, const Options& options = Options())
       : Base("RMSNorm", std::move(normalized_shape),
-             options.eps().value_or(static_cast<double>(Eigen::NumTraits<T>::epsilon())),
+             options.eps().value_or(detail::machine_epsilon<T>()),
              options.elementwise_affine(), false) {}
 };
 

@@ -1,0 +1,24 @@
+// The benchmark binary: every layer's BM_* (bench_<layer>.cpp), the memcpy roofline
+// (here) and the peers, when compiled in.
+#include "common.hpp"
+
+namespace {
+
+// memcpy over rows * features floats: the roofline every other row is compared with.
+void BM_Memcpy(benchmark::State& state) {
+  const nkbench::Index n = state.range(0) * state.range(1);
+  const int threads = static_cast<int>(state.range(2));
+  for (auto _ : state) {
+    // memcpy_gbps times the copy itself; re-measuring here gives the row a time too.
+    benchmark::DoNotOptimize(nkbench::memcpy_gbps(n, threads));
+  }
+  const double gbps = nkbench::memcpy_gbps(n, threads);
+  state.counters["GB/s"] = gbps;
+  state.counters["of_memcpy"] = 1.0;
+  state.counters["memcpy_GB/s"] = gbps;
+}
+BENCHMARK(BM_Memcpy)->Apply(nkbench::row_shapes)->Iterations(1);
+
+}  // namespace
+
+BENCHMARK_MAIN();

@@ -1,0 +1,121 @@
+// Shared benchmark plumbing: devices, the memcpy roofline, and the counters every
+// benchmark reports.
+//
+// Bytes are the minimum traffic (forward: read x, write y = 8 B/float; backward: read
+// x and dy, write dx = 12 B/float). Every benchmark also reports `of_memcpy`: its
+// bandwidth over that of memcpy on the same number of floats with the same number of
+// threads, measured in this process, so the ratio survives a noisy shared machine.
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#define EIGEN_USE_THREADS
+#include <unsupported/Eigen/CXX11/Tensor>
+
+namespace nkbench {
+
+using Index = Eigen::Index;
+using RowTensor2 = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+
+/// One pool per thread count, alive for the whole run.
+inline Eigen::ThreadPoolDevice& pool_device(int threads) {
+  static std::mutex mu;
+  static std::map<int, std::pair<std::unique_ptr<Eigen::ThreadPool>,
+                                 std::unique_ptr<Eigen::ThreadPoolDevice>>> pools;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& p = pools[threads];
+  if (!p.first) {
+    p.first = std::make_unique<Eigen::ThreadPool>(threads);
+    p.second = std::make_unique<Eigen::ThreadPoolDevice>(p.first.get(), threads);
+  }
+  return *p.second;
+}
+
+/// Calls f(device): Eigen::DefaultDevice for one thread, a pool device otherwise.
+template <class F>
+void with_device(int threads, F&& f) {
+  if (threads <= 1) {
+    Eigen::DefaultDevice d;
+    f(d);
+  } else {
+    f(pool_device(threads));
+  }
+}
+
+/// memcpy of n floats split over `threads` threads, best of a few timed repetitions.
+inline double memcpy_gbps(Index n, int threads) {
+  static std::mutex mu;
+  static std::map<std::pair<Index, int>, double> cache;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find({n, threads});
+    if (it != cache.end()) return it->second;
+  }
+  std::vector<float> src(static_cast<std::size_t>(n), 1.0f), dst(static_cast<std::size_t>(n), 0.0f);
+  auto copy = [&] {
+    if (threads <= 1) {
+      std::memcpy(dst.data(), src.data(), sizeof(float) * static_cast<std::size_t>(n));
+      return;
+    }
+    Eigen::ThreadPoolDevice& dev = pool_device(threads);
+    Eigen::Barrier barrier(static_cast<unsigned>(threads));
+    const Index chunk = (n + threads - 1) / threads;
+    for (int t = 0; t < threads; ++t) {
+      dev.enqueueNoNotification([&, t] {
+        const Index b = std::min(n, t * chunk), e = std::min(n, b + chunk);
+        std::memcpy(dst.data() + b, src.data() + b, sizeof(float) * static_cast<std::size_t>(e - b));
+        barrier.Notify();
+      });
+    }
+    barrier.Wait();
+  };
+  copy();
+  double best = 0;
+  const auto start = std::chrono::steady_clock::now();
+  for (int rep = 0; rep < 1000; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    int inner = std::max<int>(1, static_cast<int>(2e6 / static_cast<double>(n)));
+    for (int i = 0; i < inner; ++i) copy();
+    benchmark::ClobberMemory();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 8.0 * static_cast<double>(n) * inner / s * 1e-9);
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > 0.3 &&
+        rep >= 4)
+      break;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  cache[{n, threads}] = best;
+  return best;
+}
+
+/// Sets bytes processed and the GB/s and fraction-of-memcpy counters.
+inline void report(benchmark::State& state, double bytes_per_float, Index n, int threads) {
+  const double bytes = bytes_per_float * static_cast<double>(n);
+  state.SetBytesProcessed(static_cast<int64_t>(bytes * static_cast<double>(state.iterations())));
+  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  const double roof = memcpy_gbps(n, threads);
+  state.counters["memcpy_GB/s"] = roof;
+  // A rate counter divides by the time, so this reads as (our GB/s) / (memcpy GB/s).
+  state.counters["of_memcpy"] =
+      benchmark::Counter(bytes * 1e-9 / roof, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// Rows x features x threads, the shapes of DESIGN.md.
+inline void row_shapes(benchmark::internal::Benchmark* b) {
+  for (int threads : {1, 2})
+    for (auto rf : {std::pair<int, int>{128, 768}, {4096, 768}, {8192, 4096}})
+      b->Args({rf.first, rf.second, threads});
+  b->ArgNames({"rows", "features", "threads"});
+  b->UseRealTime();
+}
+
+}  // namespace nkbench
