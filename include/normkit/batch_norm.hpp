@@ -1,0 +1,443 @@
+// BatchNorm over every dim but the channel axis, as torch.nn.BatchNorm{1,2,3}d.
+//
+//   forward   train: mean, var = batch statistics per channel (var biased), then
+//                    running_mean += f * (mean - running_mean)
+//                    running_var  += f * (var * n / (n - 1) - running_var)
+//                    with f = momentum, or 1 / num_batches_tracked without one
+//             eval:  mean, var = running_mean, running_var
+//             xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps);  y = xhat * weight + bias
+//   backward  train (through the batch statistics; n values per channel):
+//               dx = weight * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+//             eval (a per-channel affine map): dx = weight * rstd * dy
+//             both: dweight = sum(dy * xhat), dbias = sum(dy)  (sums over all but the channel)
+//   shapes    x, y, dy, dx: [N, C, ...] (channel axis 1; any axis through the options, -1 is
+//             channels-last); weight, bias, running_mean, running_var: [C]; cache: [C]
+//   derivation: docs/derivations/batch_norm.md
+//
+// Synchronized statistics: with a StatsReducer (include <normkit/mpi.hpp> for one over
+// MPI) every process holds a part of the batch, and forward/backward see the whole one.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "core/channel_kernels.hpp"
+#include "core/trailing_norm.hpp"
+
+namespace normkit {
+
+/// Sums per-channel partial statistics over the processes that share a batch. Every
+/// process must call it with the same n, in the same order (it is a collective).
+class StatsReducer {
+ public:
+  virtual ~StatsReducer() = default;
+  /// data[0, n) becomes, on every process, the sum over processes of their data[0, n).
+  virtual void allreduce_sum(double* data, Index n) = 0;
+};
+
+/// Options of BatchNorm, set fluently: BatchNormOptions().eps(1e-3).momentum(0.01).
+class BatchNormOptions {
+ public:
+  BatchNormOptions& eps(double v) { eps_ = v; return *this; }
+  /// The weight of the new batch in the running statistics; std::nullopt for a
+  /// cumulative moving average (PyTorch's momentum=None).
+  BatchNormOptions& momentum(std::optional<double> v) { momentum_ = v; return *this; }
+  BatchNormOptions& affine(bool v) { affine_ = v; return *this; }
+  /// Off: no running statistics, and batch statistics in eval mode too.
+  BatchNormOptions& track_running_stats(bool v) { track_ = v; return *this; }
+  /// The channel axis of x; negative counts from the end (-1: channels-last).
+  BatchNormOptions& channel_axis(int v) { axis_ = v; return *this; }
+  /// Synchronized BatchNorm: statistics over the batches of all processes.
+  BatchNormOptions& reducer(std::shared_ptr<StatsReducer> v) { reducer_ = std::move(v); return *this; }
+
+  double eps() const { return eps_; }
+  std::optional<double> momentum() const { return momentum_; }
+  bool affine() const { return affine_; }
+  bool track_running_stats() const { return track_; }
+  int channel_axis() const { return axis_; }
+  const std::shared_ptr<StatsReducer>& reducer() const { return reducer_; }
+
+ private:
+  double eps_ = 1e-5;
+  std::optional<double> momentum_ = 0.1;
+  bool affine_ = true;
+  bool track_ = true;
+  int axis_ = 1;
+  std::shared_ptr<StatsReducer> reducer_;
+};
+
+/// Batch normalization (Ioffe & Szegedy, 2015) with PyTorch's semantics. Statistics in
+/// double from float (or double) partial sums; float/double/half/bfloat16 storage. A new
+/// BatchNorm is in training mode. forward() updates the running statistics in training
+/// mode, so it is not const; backward() is.
+template <class T>
+class BatchNorm {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> ||
+                    std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
+                "normkit layers take float, double, Eigen::half or Eigen::bfloat16");
+
+ public:
+  using Scalar = T;
+  using Acc = detail::acc_t<T>;
+  using Options = BatchNormOptions;
+
+  /// What backward needs from forward: the mean and rstd it normalized with, per channel.
+  struct Cache {
+    Eigen::Tensor<Acc, 1> mean;    // [C]
+    Eigen::Tensor<Acc, 1> invstd;  // [C]
+    bool batch_stats = false;      // true: backward goes through the batch statistics
+    double count = 0;              // values per channel (over all processes)
+    std::vector<Index> x_dims;     // shape of the x it was computed from; empty: not filled
+    bool empty() const { return x_dims.empty(); }
+  };
+
+  /// Parameter gradients, overwritten by backward. With a reducer they are already the
+  /// sums over all processes (the gradient of the sum of their losses).
+  struct Grads {
+    Eigen::Tensor<T, 1> weight;  // [C], empty without affine
+    Eigen::Tensor<T, 1> bias;    // [C], empty without affine
+    std::vector<double> work;    // reused scratch
+  };
+
+  /// Eval-mode BatchNorm as y = x * scale + shift per channel, to fold into a
+  /// neighbouring linear or convolution layer.
+  struct Folded {
+    Eigen::Tensor<T, 1> scale;  // [C] = weight / sqrt(running_var + eps)
+    Eigen::Tensor<T, 1> shift;  // [C] = bias - running_mean * scale
+  };
+
+  explicit BatchNorm(Index num_features, const Options& options = Options())
+      : C_(num_features), opt_(options) {
+    if (C_ < 0) detail::fail("BatchNorm: num_features must be >= 0, got ", C_);
+    detail::validate_eps<T>("BatchNorm", opt_.eps());
+    if (opt_.momentum() && !(*opt_.momentum() >= 0 && *opt_.momentum() <= 1))
+      detail::fail("BatchNorm: momentum must be in [0, 1] (or std::nullopt for a cumulative average), got ",
+                   *opt_.momentum());
+    if (opt_.affine()) {
+      weight_.resize(C_);
+      weight_.setConstant(T(1));
+      bias_.resize(C_);
+      bias_.setConstant(T(0));
+    }
+    if (opt_.track_running_stats()) {
+      running_mean_.resize(C_);
+      running_mean_.setConstant(T(0));
+      running_var_.resize(C_);
+      running_var_.setConstant(T(1));
+    }
+  }
+
+  template <class X, class Y, detail::enable_if_tensors_t<X, Y> = 0>
+  void forward(const X& x, Y&& y) {
+    forward_impl(Eigen::DefaultDevice(), x, y, nullptr);
+  }
+  template <class X, class Y, detail::enable_if_tensors_t<X, Y> = 0>
+  void forward(const X& x, Y&& y, Cache& cache) {
+    forward_impl(Eigen::DefaultDevice(), x, y, &cache);
+  }
+  template <class Device, class X, class Y, detail::enable_if_device_tensors_t<Device, X, Y> = 0>
+  void forward(const Device& dev, const X& x, Y&& y) {
+    forward_impl(dev, x, y, nullptr);
+  }
+  template <class Device, class X, class Y, detail::enable_if_device_tensors_t<Device, X, Y> = 0>
+  void forward(const Device& dev, const X& x, Y&& y, Cache& cache) {
+    forward_impl(dev, x, y, &cache);
+  }
+
+  /// dx (overwritten) and the parameter gradients (overwritten), in the mode the cache
+  /// was filled in. dx may be x or dy itself.
+  template <class X, class DY, class DX, detail::enable_if_tensors_t<X, DY, DX> = 0>
+  void backward(const X& x, const DY& dy, const Cache& cache, DX&& dx, Grads& grads) const {
+    backward_impl(Eigen::DefaultDevice(), x, dy, cache, dx, grads);
+  }
+  template <class Device, class X, class DY, class DX,
+            detail::enable_if_device_tensors_t<Device, X, DY, DX> = 0>
+  void backward(const Device& dev, const X& x, const DY& dy, const Cache& cache, DX&& dx,
+                Grads& grads) const {
+    backward_impl(dev, x, dy, cache, dx, grads);
+  }
+
+  void train(bool on = true) { training_ = on; }
+  void eval() { training_ = false; }
+  bool is_training() const { return training_; }
+
+  /// The per-channel scale and shift eval mode applies (needs running statistics).
+  Folded fold() const {
+    if (!opt_.track_running_stats())
+      detail::fail("BatchNorm::fold: track_running_stats is off, so eval mode normalizes with batch "
+                   "statistics and is no fixed per-channel affine map");
+    Folded f;
+    f.scale.resize(C_);
+    f.shift.resize(C_);
+    for (Index c = 0; c < C_; ++c) {
+      const long double r = 1.0L / std::sqrt(static_cast<long double>(running_var_(c)) + opt_.eps());
+      const long double s = (opt_.affine() ? static_cast<long double>(weight_(c)) : 1.0L) * r;
+      f.scale(c) = static_cast<T>(s);
+      f.shift(c) = static_cast<T>((opt_.affine() ? static_cast<long double>(bias_(c)) : 0.0L) -
+                                  static_cast<long double>(running_mean_(c)) * s);
+    }
+    return f;
+  }
+
+  Eigen::Tensor<T, 1>& weight() { return weight_; }
+  const Eigen::Tensor<T, 1>& weight() const { return weight_; }
+  Eigen::Tensor<T, 1>& bias() { return bias_; }
+  const Eigen::Tensor<T, 1>& bias() const { return bias_; }
+  /// [C]; empty without track_running_stats.
+  Eigen::Tensor<T, 1>& running_mean() { return running_mean_; }
+  const Eigen::Tensor<T, 1>& running_mean() const { return running_mean_; }
+  Eigen::Tensor<T, 1>& running_var() { return running_var_; }
+  const Eigen::Tensor<T, 1>& running_var() const { return running_var_; }
+  std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
+  std::int64_t num_batches_tracked() const { return num_batches_tracked_; }
+
+  Index num_features() const { return C_; }
+  Index features() const { return C_; }
+  double eps() const { return opt_.eps(); }
+  std::optional<double> momentum() const { return opt_.momentum(); }
+  bool affine() const { return opt_.affine(); }
+  bool track_running_stats() const { return opt_.track_running_stats(); }
+  int channel_axis() const { return opt_.channel_axis(); }
+  const std::shared_ptr<StatsReducer>& reducer() const { return opt_.reducer(); }
+
+ private:
+  template <class X, class Y>
+  static constexpr void check_same_type() {
+    static_assert(std::is_same_v<typename detail::traits_of<X>::scalar, T>,
+                  "normkit: tensor scalar type differs from the layer's");
+    static_assert(std::is_same_v<typename detail::traits_of<Y>::scalar, T>,
+                  "normkit: tensor scalar type differs from the layer's");
+    static_assert(detail::traits_of<X>::rank == detail::traits_of<Y>::rank,
+                  "normkit: input and output tensors differ in rank");
+    static_assert(detail::traits_of<X>::row_major == detail::traits_of<Y>::row_major,
+                  "normkit: input and output tensors differ in layout (RowMajor/ColMajor)");
+  }
+
+  /// x's dims and its channel axis, after checking them.
+  template <class X>
+  std::pair<std::vector<Index>, std::size_t> check_x(const std::string& fn, const X& x) const {
+    std::vector<Index> dims = detail::dims_of(x);
+    const int rank = static_cast<int>(dims.size());
+    if (rank < 2)
+      detail::fail(fn, ": x has rank ", rank, ", expected rank >= 2 (x is ", detail::shape_str(dims), ")");
+    const int axis = opt_.channel_axis() < 0 ? opt_.channel_axis() + rank : opt_.channel_axis();
+    if (axis < 0 || axis >= rank)
+      detail::fail(fn, ": channel_axis ", opt_.channel_axis(), " is out of range for x of rank ", rank,
+                   " (x is ", detail::shape_str(dims), ")");
+    if (dims[static_cast<std::size_t>(axis)] != C_)
+      detail::fail(fn, ": x has ", dims[static_cast<std::size_t>(axis)], " channels on axis ", axis,
+                   ", expected ", C_, " (x is ", detail::shape_str(dims), ")");
+    return {dims, static_cast<std::size_t>(axis)};
+  }
+
+  static void check_like(const std::string& fn, const char* arg, const std::vector<Index>& got,
+                         const std::vector<Index>& want) {
+    if (got != want)
+      detail::fail(fn, ": ", arg, " is ", detail::shape_str(got), ", expected ", detail::shape_str(want),
+                   " (the shape of x)");
+  }
+
+  bool batch_stats() const { return training_ || !opt_.track_running_stats(); }
+
+  template <class Dev, class X, class Y>
+  void forward_impl(const Dev& dev, const X& x, Y& y, Cache* cache) {
+    static_assert(detail::traits_of<Y>::writable, "normkit: the output y must be writable");
+    check_same_type<X, Y>();
+    const std::string fn = "BatchNorm::forward";
+    const auto [dims, axis] = check_x(fn, x);
+    check_like(fn, "y", detail::dims_of(y), dims);
+    if (detail::partial_overlap(x.data(), y.data(), x.size()))
+      detail::fail(fn, ": y partially overlaps x (only y == x, in place, is supported)");
+    const detail::ChannelView v = detail::channel_view(dims, detail::traits_of<X>::row_major, axis);
+    const bool batch = batch_stats();
+    StatsReducer* red = opt_.reducer().get();
+    const Index C = C_;
+    std::vector<double> mean(static_cast<std::size_t>(C)), var(static_cast<std::size_t>(C));
+    double count = 0;
+    if (batch) {
+      // Without a reducer the checks come first; with one, every process must join the
+      // reductions, and the count that matters is the global one.
+      if (!red && v.count() == 1) too_few_values(fn, dims);
+      std::vector<detail::Moments> mom(static_cast<std::size_t>(C));
+      detail::channel_moments(dev, x.data(), v, moments_work_, mom.data());
+      count = x.size() == 0 ? 0.0 : static_cast<double>(v.count());
+      if (red) count = reduce_moments(*red, mom);
+      if (count == 1) too_few_values(fn, dims);
+      if (count == 0) {  // nothing to normalize anywhere: no statistics, no update
+        if (cache) fill_cache(*cache, dims, batch, nullptr, nullptr, 0);
+        return;
+      }
+      for (Index c = 0; c < C; ++c) {
+        mean[c] = mom[c].mean;
+        var[c] = mom[c].m2 / count;
+      }
+      if (training_ && opt_.track_running_stats()) update_running(mean, var, count);
+    } else {
+      count = static_cast<double>(v.count());
+      for (Index c = 0; c < C; ++c) {
+        mean[c] = static_cast<double>(running_mean_(c));
+        var[c] = static_cast<double>(running_var_(c));
+      }
+    }
+
+    // y = (x - m) * a + b with m the mean rounded to Acc, and b absorbing the rest of it
+    // (a large offset is not representable in float to the precision of the spread).
+    std::vector<Acc> m(static_cast<std::size_t>(C)), a(m.size()), b(m.size()), rs(m.size());
+    for (Index c = 0; c < C; ++c) {
+      const double r = 1.0 / std::sqrt(var[c] + opt_.eps());
+      const double w = opt_.affine() ? static_cast<double>(weight_(c)) : 1.0;
+      const double bb = opt_.affine() ? static_cast<double>(bias_(c)) : 0.0;
+      m[c] = static_cast<Acc>(mean[c]);
+      a[c] = static_cast<Acc>(r * w);
+      b[c] = static_cast<Acc>(bb - (mean[c] - static_cast<double>(m[c])) * r * w);
+      rs[c] = static_cast<Acc>(r);
+    }
+    detail::channel_map<T, Acc>(dev, x.data(), nullptr, y.data(), v,
+                                detail::ChannelMap<Acc>{m.data(), a.data(), b.data(), nullptr});
+    if (cache) fill_cache(*cache, dims, batch, m.data(), rs.data(), count);
+  }
+
+  [[noreturn]] static void too_few_values(const std::string& fn, const std::vector<Index>& dims) {
+    detail::fail(fn, ": expected more than 1 value per channel when training, got x of shape ",
+                 detail::shape_str(dims));
+  }
+
+  void fill_cache(Cache& cache, const std::vector<Index>& dims, bool batch, const Acc* m, const Acc* rs,
+                  double count) const {
+    cache.mean.resize(C_);
+    cache.invstd.resize(C_);
+    for (Index c = 0; c < C_; ++c) {
+      cache.mean(c) = m ? m[c] : Acc(0);
+      cache.invstd(c) = rs ? rs[c] : Acc(0);
+    }
+    cache.batch_stats = batch;
+    cache.count = count;
+    cache.x_dims = dims;
+  }
+
+  /// Local moments to global ones: one sum of (n, n * mean) gives the global mean mu,
+  /// a second one sum(M2 + n * (mean - mu)^2), a sum of non-negative terms. Returns the
+  /// global count.
+  double reduce_moments(StatsReducer& red, std::vector<detail::Moments>& mom) const {
+    const Index C = C_;
+    std::vector<double> buf(static_cast<std::size_t>(2 * C));
+    for (Index c = 0; c < C; ++c) {
+      buf[c] = mom[c].n;
+      buf[C + c] = mom[c].n * mom[c].mean;
+    }
+    red.allreduce_sum(buf.data(), 2 * C);
+    const double count = C ? buf[0] : 0;
+    std::vector<double> m2(static_cast<std::size_t>(C));
+    for (Index c = 0; c < C; ++c) {
+      const double mu = count > 0 ? buf[C + c] / count : 0;
+      const double d = mom[c].mean - mu;
+      m2[c] = mom[c].n > 0 ? mom[c].m2 + mom[c].n * d * d : 0;
+      mom[c].mean = mu;
+    }
+    red.allreduce_sum(m2.data(), C);
+    for (Index c = 0; c < C; ++c) {
+      mom[c].m2 = m2[c];
+      mom[c].n = count;
+    }
+    return count;
+  }
+
+  void update_running(const std::vector<double>& mean, const std::vector<double>& var, double count) {
+    ++num_batches_tracked_;
+    const double f = opt_.momentum() ? *opt_.momentum() : 1.0 / static_cast<double>(num_batches_tracked_);
+    const double unbias = count / (count - 1);
+    for (Index c = 0; c < C_; ++c) {
+      running_mean_(c) = static_cast<T>((1 - f) * static_cast<double>(running_mean_(c)) + f * mean[c]);
+      running_var_(c) = static_cast<T>((1 - f) * static_cast<double>(running_var_(c)) + f * var[c] * unbias);
+    }
+  }
+
+  template <class Dev, class X, class DY, class DX>
+  void backward_impl(const Dev& dev, const X& x, const DY& dy, const Cache& cache, DX& dx, Grads& grads) const {
+    static_assert(detail::traits_of<DX>::writable, "normkit: the output dx must be writable");
+    check_same_type<X, DY>();
+    check_same_type<X, DX>();
+    const std::string fn = "BatchNorm::backward";
+    const auto [dims, axis] = check_x(fn, x);
+    check_like(fn, "dy", detail::dims_of(dy), dims);
+    check_like(fn, "dx", detail::dims_of(dx), dims);
+    if (cache.empty()) detail::fail(fn, ": cache is empty, expected the cache filled by forward(x, y, cache)");
+    if (cache.x_dims != dims)
+      detail::fail(fn, ": cache is from x of shape ", detail::shape_str(cache.x_dims), ", but x is ",
+                   detail::shape_str(dims));
+    if (cache.mean.size() != C_ || cache.invstd.size() != C_)
+      detail::fail(fn, ": cache holds statistics of ", cache.mean.size(), " channels, expected ", C_);
+    if (detail::partial_overlap(x.data(), dx.data(), x.size()))
+      detail::fail(fn, ": dx partially overlaps x (only dx == x or dx == dy is supported)");
+    if (detail::partial_overlap(dy.data(), dx.data(), x.size()))
+      detail::fail(fn, ": dx partially overlaps dy (only dx == x or dx == dy is supported)");
+
+    const Index C = C_;
+    const bool affine = opt_.affine();
+    grads.weight.resize(affine ? C : 0);
+    grads.bias.resize(affine ? C : 0);
+    const detail::ChannelView v = detail::channel_view(dims, detail::traits_of<X>::row_major, axis);
+    StatsReducer* red = opt_.reducer().get();
+    const bool batch = cache.batch_stats;
+    const bool need_sums = batch || affine;
+    if (x.size() == 0 && (!red || !need_sums)) {
+      if (affine) {
+        grads.weight.setConstant(T(0));
+        grads.bias.setConstant(T(0));
+      }
+      return;
+    }
+
+    // A = sum(x - m), B = sum(dy), Cc = sum(dy * (x - m)) per channel, over all processes.
+    std::vector<double> sums(static_cast<std::size_t>(3 * C), 0.0);
+    const Acc* m = cache.mean.data();
+    if (need_sums) {
+      detail::channel_grad_sums<T, Acc>(dev, x.data(), dy.data(), m, v, grads.work, sums.data());
+      if (red) red->allreduce_sum(sums.data(), 3 * C);
+    }
+    const double n = cache.count;
+    std::vector<Acc> a(static_cast<std::size_t>(C)), b(a.size()), k(a.size()), zero(a.size(), Acc(0));
+    for (Index c = 0; c < C; ++c) {
+      const double r = static_cast<double>(cache.invstd(c));
+      const double w = affine ? static_cast<double>(weight_(c)) : 1.0;
+      const double A = sums[c], B = sums[C + c], Cc = sums[2 * C + c];
+      // In batch mode m is the float-rounded batch mean; A / n is what it misses.
+      const double corr = batch && n > 0 ? A / n : 0.0;
+      const double sum_dy_xhat = (Cc - corr * B) * r;
+      if (affine) {
+        grads.weight(c) = static_cast<T>(sum_dy_xhat);
+        grads.bias(c) = static_cast<T>(B);
+      }
+      const double k1 = w * r;
+      k[c] = static_cast<Acc>(k1);
+      if (batch && n > 0) {
+        const double k2 = -k1 * r * sum_dy_xhat / n;
+        a[c] = static_cast<Acc>(k2);
+        b[c] = static_cast<Acc>(-k1 * B / n - k2 * corr);
+      } else {
+        a[c] = b[c] = Acc(0);
+      }
+    }
+    if (x.size() == 0) return;
+    if (batch)
+      detail::channel_map<T, Acc>(dev, x.data(), dy.data(), dx.data(), v,
+                                  detail::ChannelMap<Acc>{m, a.data(), b.data(), k.data()});
+    else  // dx = k * dy: the map with dy in the place of x
+      detail::channel_map<T, Acc>(dev, dy.data(), nullptr, dx.data(), v,
+                                  detail::ChannelMap<Acc>{zero.data(), k.data(), zero.data(), nullptr});
+  }
+
+  Index C_;
+  Options opt_;
+  bool training_ = true;
+  Eigen::Tensor<T, 1> weight_, bias_;               // [C], empty without affine
+  Eigen::Tensor<T, 1> running_mean_, running_var_;  // [C], empty without track_running_stats
+  std::int64_t num_batches_tracked_ = 0;
+  std::vector<detail::Moments> moments_work_;  // reused scratch of the statistics pass
+};
+
+}  // namespace normkit

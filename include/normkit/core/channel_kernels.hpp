@@ -1,0 +1,452 @@
+// Per-channel kernels over the canonical view [outer, C, inner] (see tensor.hpp): the
+// statistics of BatchNorm's forward, the per-channel sums of its backward, and the
+// per-channel affine map both passes end with.
+//
+//   moments    (n, mean, M2) per channel over outer x inner values, in double
+//   grad sums  A = sum(x - m), B = sum(dy), Cc = sum(dy * (x - m)) per channel, in double
+//   map        out = (x - m) * a + b  [+ k * dy]   with m, a, b, k per channel
+//
+// Two memory shapes:
+// - row path (inner >= kRowPathMin: NCHW, NCL, ColMajor channels-last): every (o, c) is
+//   a contiguous row of `inner` values, cut into segments of at most kSeg;
+// - column path (inner small: channels-last, (N, C)): a row-major [outer, C * inner]
+//   matrix reduced over its rows, in chunks of kChunkRows rows and tiles of columns.
+// Numerics: each segment / chunk-tile is small enough to stay in L1, so its moments are
+// two-pass there (a shifted sum for the mean, then sum(d) and sum(d^2) around it, the
+// corrected two-pass algorithm) in Acc; the pieces are merged in double with Chan's
+// formula. Never E[x^2] - E[x]^2. Pieces and their merge order depend on the shape
+// only, never on the thread count, so every result is bitwise identical for any
+// number of threads. A float piece whose sums overflow although its inputs are finite
+// is redone in double.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "norm_kernels.hpp"
+#include "parallel.hpp"
+
+namespace normkit {
+namespace detail {
+
+/// Count, mean and sum of squared deviations of a set of values.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+};
+
+/// Chan et al.'s pairwise update: a becomes the moments of a's values and b's.
+inline void merge(Moments& a, const Moments& b) {
+  if (b.n == 0) return;
+  if (a.n == 0) {
+    a = b;
+    return;
+  }
+  const double n = a.n + b.n, delta = b.mean - a.mean;
+  a.mean += delta * (b.n / n);
+  a.m2 += b.m2 + delta * delta * (a.n * b.n / n);
+  a.n = n;
+}
+
+inline constexpr Index kRowPathMin = 32;  // shorter rows go through the column path
+inline constexpr Index kSeg = 2048;       // 8 KiB of float: both passes in L1
+inline constexpr Index kChunkRows = 64;   // column path: rows per chunk
+inline constexpr Index kColGroup = 256;   // column path: columns per work item
+inline constexpr Index kTilePackets = 2;  // column path: packets per tile (registers)
+
+struct ChannelView {
+  Index outer = 1, C = 1, inner = 1;
+  Index size() const { return outer * C * inner; }
+  Index count() const { return outer * inner; }  // values per channel
+  bool row_path() const { return inner >= kRowPathMin; }
+  Index segs() const { return (inner + kSeg - 1) / kSeg; }
+  Index cols() const { return C * inner; }
+};
+
+inline ChannelView channel_view(const std::vector<Index>& dims, bool row_major, std::size_t axis) {
+  const Block3 b = block3(dims, row_major, axis, axis + 1);
+  return ChannelView{b.outer, b.mid, b.inner};
+}
+
+/// Column-path row blocks: a fixed number for the shape, at most 2^18 / cols of them so
+/// that the per-(block, column) partials stay a few MiB.
+inline Blocking column_blocking(const ChannelView& v) {
+  const Index cap = std::max<Index>(1, std::min<Index>(64, (Index(1) << 18) / std::max<Index>(v.cols(), 1)));
+  return fixed_blocking(v.outer, kChunkRows, cap);
+}
+
+// ---- moments ---------------------------------------------------------------------
+
+/// sum(x - m) and sum((x - m)^2) of a contiguous run, two accumulators each.
+template <class Acc, class T>
+void sum_d_d2(const T* x, Index n, Acc m, Acc& sd, Acc& sd2) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  const P pm = pset1<P>(m);
+  P a0 = zero<Acc>(), a1 = zero<Acc>(), q0 = zero<Acc>(), q1 = zero<Acc>();
+  Index i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const P d0 = psub(load<Acc>(x + i), pm), d1 = psub(load<Acc>(x + i + W), pm);
+    a0 = padd(a0, d0);
+    a1 = padd(a1, d1);
+    q0 = pmadd(d0, d0, q0);
+    q1 = pmadd(d1, d1, q1);
+  }
+  sd = predux(padd(a0, a1));
+  sd2 = predux(padd(q0, q1));
+  for (; i < n; ++i) {
+    const Acc d = static_cast<Acc>(x[i]) - m;
+    sd += d;
+    sd2 += d * d;
+  }
+}
+
+/// Moments of a contiguous segment (n >= 1), two-pass in Acc.
+template <class Acc, class T>
+Moments segment_moments(const T* x, Index n) {
+  const Acc s = static_cast<Acc>(x[0]);
+  const Acc m = s + row_sum<true>(x, n, s) / static_cast<Acc>(n);
+  Acc sd, sd2;
+  sum_d_d2<Acc>(x, n, m, sd, sd2);
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (!(std::isfinite(sd) && std::isfinite(sd2)) && all_finite(x, n))
+      return segment_moments<double>(x, n);
+  }
+  const double dn = static_cast<double>(n), a = sd;
+  return Moments{dn, static_cast<double>(m) + a / dn, std::max(0.0, double(sd2) - a * a / dn)};
+}
+
+/// One strided column of nr values in double (the overflow fallback of a tile).
+template <class T>
+Moments column_moments_wide(const T* x, Index ld, Index nr) {
+  double m = 0, sd = 0, sd2 = 0;
+  for (Index r = 0; r < nr; ++r) m += static_cast<double>(x[r * ld]);
+  m /= static_cast<double>(nr);
+  for (Index r = 0; r < nr; ++r) {
+    const double d = static_cast<double>(x[r * ld]) - m;
+    sd += d;
+    sd2 += d * d;
+  }
+  return Moments{double(nr), m + sd / double(nr), std::max(0.0, sd2 - sd * sd / double(nr))};
+}
+
+/// Moments of nc <= kTilePackets * W columns over nr rows of a row-major matrix with
+/// leading dimension ld, merged into out[0, nc). The tile (nr x nc) is in L1 for pass 2.
+template <class Acc, class T>
+void tile_moments(const T* x, Index ld, Index nr, Index nc, Moments* out) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>, K = kTilePackets;
+  const Index np = (nc + W - 1) / W;
+  auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
+  P s[K], a[K], q[K];
+  for (Index k = 0; k < np; ++k) {
+    s[k] = load_n<Acc>(x + k * W, cnt(k));
+    a[k] = zero<Acc>();
+    q[k] = zero<Acc>();
+  }
+  for (Index r = 1; r < nr; ++r)
+    for (Index k = 0; k < np; ++k) a[k] = padd(a[k], psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), s[k]));
+  const P inv = pset1<P>(Acc(1) / static_cast<Acc>(nr));
+  for (Index k = 0; k < np; ++k) {
+    s[k] = pmadd(a[k], inv, s[k]);  // the tile mean
+    a[k] = zero<Acc>();
+  }
+  for (Index r = 0; r < nr; ++r)
+    for (Index k = 0; k < np; ++k) {
+      const P d = psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), s[k]);
+      a[k] = padd(a[k], d);
+      q[k] = pmadd(d, d, q[k]);
+    }
+  alignas(64) Acc ms[K * W], as[K * W], qs[K * W];
+  for (Index k = 0; k < np; ++k) {
+    Eigen::internal::pstore(ms + k * W, s[k]);
+    Eigen::internal::pstore(as + k * W, a[k]);
+    Eigen::internal::pstore(qs + k * W, q[k]);
+  }
+  const double dn = static_cast<double>(nr);
+  for (Index c = 0; c < nc; ++c) {
+    Moments mc;
+    if (std::is_same_v<Acc, float> && !(std::isfinite(as[c]) && std::isfinite(qs[c])) &&
+        all_finite(x + c, nr, ld)) {
+      mc = column_moments_wide(x + c, ld, nr);
+    } else {
+      const double sa = as[c];
+      mc = Moments{dn, static_cast<double>(ms[c]) + sa / dn, std::max(0.0, double(qs[c]) - sa * sa / dn)};
+    }
+    merge(out[c], mc);
+  }
+}
+
+/// Per-channel moments of x, out[C]. `work` is scratch reused across calls.
+template <class T, class Dev>
+void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vector<Moments>& work,
+                     Moments* out) {
+  using Acc = acc_t<T>;
+  constexpr Index W = packet_size<Acc>;
+  std::fill(out, out + v.C, Moments{});
+  if (v.size() == 0) return;
+  if (v.row_path()) {
+    const Index segs = v.segs(), items = v.outer * v.C * segs;
+    work.resize(static_cast<std::size_t>(items));
+    const Index len = std::min(v.inner, kSeg);
+    parallel_for(dev, items, double(len * sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
+      for (Index i = i0; i < i1; ++i) {
+        const Index row = i / segs, sg = i % segs;
+        const Index n = std::min(kSeg, v.inner - sg * kSeg);
+        work[static_cast<std::size_t>(i)] = segment_moments<Acc>(x + row * v.inner + sg * kSeg, n);
+      }
+    });
+    for (Index c = 0; c < v.C; ++c)
+      for (Index o = 0; o < v.outer; ++o)
+        for (Index sg = 0; sg < segs; ++sg) merge(out[c], work[static_cast<std::size_t>((o * v.C + c) * segs + sg)]);
+    return;
+  }
+  const Index cols = v.cols(), groups = (cols + kColGroup - 1) / kColGroup;
+  const Blocking bl = column_blocking(v);
+  work.resize(static_cast<std::size_t>(bl.blocks * cols));
+  const double elems = double(bl.per_block * std::min(cols, kColGroup));
+  parallel_for(dev, bl.blocks * groups, elems * sizeof(T), 4.0 * elems, [&](Index i0, Index i1) {
+    for (Index i = i0; i < i1; ++i) {
+      const Index b = i / groups, j0 = (i % groups) * kColGroup, nc = std::min(kColGroup, cols - j0);
+      Moments* o = work.data() + b * cols + j0;
+      std::fill(o, o + nc, Moments{});
+      for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += kChunkRows) {
+        const Index nr = std::min(kChunkRows, bl.end(b) - r0);
+        for (Index t = 0; t < nc; t += kTilePackets * W)
+          tile_moments<Acc>(x + r0 * cols + j0 + t, cols, nr, std::min(kTilePackets * W, nc - t), o + t);
+      }
+    }
+  });
+  for (Index c = 0; c < v.C; ++c)
+    for (Index b = 0; b < bl.blocks; ++b)
+      for (Index i = 0; i < v.inner; ++i) merge(out[c], work[static_cast<std::size_t>(b * cols + c * v.inner + i)]);
+}
+
+// ---- backward sums ----------------------------------------------------------------
+
+/// A = sum(x - m), B = sum(dy), Cc = sum(dy * (x - m)) over a contiguous run, in Acc.
+template <class Acc, class T>
+void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, double* abc) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  const P pm = pset1<P>(m);
+  P a0 = zero<Acc>(), a1 = zero<Acc>(), b0 = zero<Acc>(), b1 = zero<Acc>();
+  P c0 = zero<Acc>(), c1 = zero<Acc>();
+  Index i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const P d0 = psub(load<Acc>(x + i), pm), d1 = psub(load<Acc>(x + i + W), pm);
+    const P g0 = load<Acc>(dy + i), g1 = load<Acc>(dy + i + W);
+    a0 = padd(a0, d0);
+    a1 = padd(a1, d1);
+    b0 = padd(b0, g0);
+    b1 = padd(b1, g1);
+    c0 = pmadd(g0, d0, c0);
+    c1 = pmadd(g1, d1, c1);
+  }
+  Acc A = predux(padd(a0, a1)), B = predux(padd(b0, b1)), C = predux(padd(c0, c1));
+  for (; i < n; ++i) {
+    const Acc d = static_cast<Acc>(x[i]) - m, g = static_cast<Acc>(dy[i]);
+    A += d;
+    B += g;
+    C += g * d;
+  }
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (!(std::isfinite(A) && std::isfinite(B) && std::isfinite(C)) && all_finite(x, n) &&
+        all_finite(dy, n) && std::isfinite(m)) {
+      segment_grad_sums<double>(x, dy, n, static_cast<double>(m), abc);
+      return;
+    }
+  }
+  abc[0] = A;
+  abc[1] = B;
+  abc[2] = C;
+}
+
+/// The same over nc <= kTilePackets * W columns of nr rows (leading dimension ld),
+/// added into abc[3 * c + {0, 1, 2}]; m is per column.
+template <class Acc, class T>
+void tile_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const Acc* m, double* abc) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>, K = kTilePackets;
+  const Index np = (nc + W - 1) / W;
+  auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
+  P pm[K], a[K], b[K], c[K];
+  for (Index k = 0; k < np; ++k) {
+    pm[k] = load_n<Acc>(m + k * W, cnt(k));
+    a[k] = b[k] = c[k] = zero<Acc>();
+  }
+  for (Index r = 0; r < nr; ++r)
+    for (Index k = 0; k < np; ++k) {
+      const P d = psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), pm[k]);
+      const P g = load_n<Acc>(dy + r * ld + k * W, cnt(k));
+      a[k] = padd(a[k], d);
+      b[k] = padd(b[k], g);
+      c[k] = pmadd(g, d, c[k]);
+    }
+  alignas(64) Acc as[K * W], bs[K * W], cs[K * W];
+  for (Index k = 0; k < np; ++k) {
+    Eigen::internal::pstore(as + k * W, a[k]);
+    Eigen::internal::pstore(bs + k * W, b[k]);
+    Eigen::internal::pstore(cs + k * W, c[k]);
+  }
+  for (Index j = 0; j < nc; ++j) {
+    double* o = abc + 3 * j;
+    if (std::is_same_v<Acc, float> && !(std::isfinite(as[j]) && std::isfinite(bs[j]) && std::isfinite(cs[j])) &&
+        all_finite(x + j, nr, ld) && all_finite(dy + j, nr, ld) && std::isfinite(m[j])) {
+      for (Index r = 0; r < nr; ++r) {
+        const double d = static_cast<double>(x[r * ld + j]) - static_cast<double>(m[j]);
+        const double g = static_cast<double>(dy[r * ld + j]);
+        o[0] += d;
+        o[1] += g;
+        o[2] += g * d;
+      }
+    } else {
+      o[0] += as[j];
+      o[1] += bs[j];
+      o[2] += cs[j];
+    }
+  }
+}
+
+/// Per-channel A, B, Cc around the per-channel shift m[C]: out[3 * C] as A[C], B[C], Cc[C].
+template <class T, class Acc, class Dev>
+void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, const ChannelView& v,
+                       std::vector<double>& work, double* out) {
+  constexpr Index W = packet_size<Acc>;
+  std::fill(out, out + 3 * v.C, 0.0);
+  if (v.size() == 0) return;
+  if (v.row_path()) {
+    const Index segs = v.segs(), items = v.outer * v.C * segs;
+    work.resize(static_cast<std::size_t>(3 * items));
+    const Index len = std::min(v.inner, kSeg);
+    parallel_for(dev, items, double(2 * len * sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
+      for (Index i = i0; i < i1; ++i) {
+        const Index row = i / segs, sg = i % segs, c = row % v.C;
+        const Index n = std::min(kSeg, v.inner - sg * kSeg), off = row * v.inner + sg * kSeg;
+        segment_grad_sums<Acc>(x + off, dy + off, n, m[c], work.data() + 3 * i);
+      }
+    });
+    for (Index c = 0; c < v.C; ++c)
+      for (Index o = 0; o < v.outer; ++o)
+        for (Index sg = 0; sg < segs; ++sg) {
+          const double* p = work.data() + 3 * ((o * v.C + c) * segs + sg);
+          for (int q = 0; q < 3; ++q) out[q * v.C + c] += p[q];
+        }
+    return;
+  }
+  const Index cols = v.cols(), groups = (cols + kColGroup - 1) / kColGroup;
+  const Blocking bl = column_blocking(v);
+  work.resize(static_cast<std::size_t>(3 * bl.blocks * cols));
+  std::vector<Acc> mcol(static_cast<std::size_t>(cols));  // the shift of every column
+  for (Index j = 0; j < cols; ++j) mcol[static_cast<std::size_t>(j)] = m[j / v.inner];
+  const double elems = double(bl.per_block * std::min(cols, kColGroup));
+  parallel_for(dev, bl.blocks * groups, 2 * elems * sizeof(T), 4.0 * elems, [&](Index i0, Index i1) {
+    for (Index i = i0; i < i1; ++i) {
+      const Index b = i / groups, j0 = (i % groups) * kColGroup, nc = std::min(kColGroup, cols - j0);
+      double* o = work.data() + 3 * (b * cols + j0);
+      std::fill(o, o + 3 * nc, 0.0);
+      for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += kChunkRows) {
+        const Index nr = std::min(kChunkRows, bl.end(b) - r0);
+        for (Index t = 0; t < nc; t += kTilePackets * W)
+          tile_grad_sums<Acc>(x + r0 * cols + j0 + t, dy + r0 * cols + j0 + t, cols, nr,
+                              std::min(kTilePackets * W, nc - t), mcol.data() + j0 + t, o + 3 * t);
+      }
+    }
+  });
+  for (Index c = 0; c < v.C; ++c)
+    for (Index b = 0; b < bl.blocks; ++b)
+      for (Index i = 0; i < v.inner; ++i) {
+        const double* p = work.data() + 3 * (b * cols + c * v.inner + i);
+        for (int q = 0; q < 3; ++q) out[q * v.C + c] += p[q];
+      }
+}
+
+// ---- the per-channel affine map ---------------------------------------------------
+
+/// Per-channel coefficients of out = (x - m) * a + b + k * dy (k only with dy).
+template <class Acc>
+struct ChannelMap {
+  const Acc* m;
+  const Acc* a;
+  const Acc* b;
+  const Acc* k;  // null: no dy term
+};
+
+/// out = (x - m) * a + b [+ k * dy] over the whole tensor; out may alias x or dy.
+/// (x - m) first, not x * a + (b - m * a): with a large offset, x * a would round away
+/// the spread that the normalization is for.
+template <class T, class Acc, class Dev>
+void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelView& v, ChannelMap<Acc> p) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  if (v.size() == 0) return;
+  const bool stream = can_stream_v<T> && static_cast<std::size_t>(v.size()) * sizeof(T) >= kStreamBytes;
+  const bool has_dy = dy != nullptr;
+  const double bytes = (has_dy ? 3.0 : 2.0) * sizeof(T);
+  if (v.row_path()) {
+    parallel_for(dev, v.outer * v.C, bytes * v.inner, 3.0 * v.inner, [&](Index r0, Index r1) {
+      for (Index r = r0; r < r1; ++r) {
+        const Index c = r % v.C, off = r * v.inner;
+        const P pm = pset1<P>(p.m[c]), pa = pset1<P>(p.a[c]), pb = pset1<P>(p.b[c]);
+        const T* xr = x + off;
+        T* yr = out + off;
+        if (has_dy) {
+          const P pk = pset1<P>(p.k[c]);
+          const T* gr = dy + off;
+          for_each_packet<Acc>(yr, v.inner, stream, [&](Index i, Index n, bool st) {
+            const P t = pmadd(psub(load_n<Acc>(xr + i, n), pm), pa, pb);
+            store_n<Acc>(yr + i, pmadd(load_n<Acc>(gr + i, n), pk, t), n, st);
+          });
+        } else {
+          for_each_packet<Acc>(yr, v.inner, stream, [&](Index i, Index n, bool st) {
+            store_n<Acc>(yr + i, pmadd(psub(load_n<Acc>(xr + i, n), pm), pa, pb), n, st);
+          });
+        }
+      }
+      if (stream) stream_fence();
+    });
+    return;
+  }
+  // Column path: the coefficients repeated per column of the [outer, C * inner] matrix.
+  const Index cols = v.cols();
+  std::vector<Acc> coef(static_cast<std::size_t>(4 * cols));
+  Acc* cm = coef.data();
+  Acc* ca = cm + cols;
+  Acc* cb = ca + cols;
+  Acc* ck = cb + cols;
+  for (Index j = 0; j < cols; ++j) {
+    const Index c = j / v.inner;
+    cm[j] = p.m[c];
+    ca[j] = p.a[c];
+    cb[j] = p.b[c];
+    ck[j] = has_dy ? p.k[c] : Acc(0);
+  }
+  parallel_for(dev, v.outer, bytes * cols, 3.0 * cols, [&](Index r0, Index r1) {
+    for (Index r = r0; r < r1; ++r) {
+      const T* xr = x + r * cols;
+      T* yr = out + r * cols;
+      if (has_dy) {
+        const T* gr = dy + r * cols;
+        for_each_packet<Acc>(yr, cols, stream, [&](Index i, Index n, bool st) {
+          const P t = pmadd(psub(load_n<Acc>(xr + i, n), load_n<Acc>(cm + i, n)), load_n<Acc>(ca + i, n),
+                            load_n<Acc>(cb + i, n));
+          store_n<Acc>(yr + i, pmadd(load_n<Acc>(gr + i, n), load_n<Acc>(ck + i, n), t), n, st);
+        });
+      } else {
+        for_each_packet<Acc>(yr, cols, stream, [&](Index i, Index n, bool st) {
+          const P t = pmadd(psub(load_n<Acc>(xr + i, n), load_n<Acc>(cm + i, n)), load_n<Acc>(ca + i, n),
+                            load_n<Acc>(cb + i, n));
+          store_n<Acc>(yr + i, t, n, st);
+        });
+      }
+    }
+    if (stream) stream_fence();
+  });
+}
+
+}  // namespace detail
+}  // namespace normkit
