@@ -60,8 +60,8 @@ Acc row_sum(const T* x, Index n, Acc s) {
   return r;
 }
 
-/// sum(((x - s) - d)^2) (Center) or sum(x^2).
-template <bool Center, class Acc, class T>
+/// sum(x^2) (no Center), sum((x - s)^2) (Center), sum(((x - s) - d)^2) (Center, Corr).
+template <bool Center, bool Corr, class Acc, class T>
 Acc row_sum_sq(const T* x, Index n, Acc s, Acc d) {
   using namespace simd;
   using P = packet_t<Acc>;
@@ -70,7 +70,8 @@ Acc row_sum_sq(const T* x, Index n, Acc s, Acc d) {
   P a0 = zero<Acc>(), a1 = zero<Acc>(), a2 = zero<Acc>(), a3 = zero<Acc>();
   auto acc = [&](P a, const T* p) {
     P v = load<Acc>(p);
-    if constexpr (Center) v = psub(psub(v, ps), pd);
+    if constexpr (Center) v = psub(v, ps);
+    if constexpr (Corr) v = psub(v, pd);
     return pmadd(v, v, a);
   };
   Index i = 0;
@@ -84,10 +85,23 @@ Acc row_sum_sq(const T* x, Index n, Acc s, Acc d) {
   Acc r = predux(padd(padd(a0, a1), padd(a2, a3)));
   for (; i < n; ++i) {
     Acc v = static_cast<Acc>(x[i]);
-    if constexpr (Center) v = (v - s) - d;
+    if constexpr (Center) v -= s;
+    if constexpr (Corr) v -= d;
     r += v * v;
   }
   return r;
+}
+
+/// A row whose mean m is within this many standard deviations of zero can be
+/// normalized as x * rstd - m * rstd: the rounding of m and of m * rstd then costs at
+/// most a few ulp of the output. Rows further off (mean 1e4, std 0.1) take the careful
+/// path, which carries the part of the mean a float cannot hold as a separate term.
+template <class Acc>
+inline constexpr Acc kFastOffset = Acc(4);
+
+template <class Acc>
+bool fast_row(Acc mean, Acc rstd) {
+  return std::fabs(mean) * rstd <= kFastOffset<Acc>;
 }
 
 template <class T>
@@ -123,38 +137,54 @@ void row_forward_wide(const T* x, T* y, Index n, Index stride, Acc eps, Affine<T
 }
 
 /// One contiguous row: statistics, then y. y may alias x.
+///   pass 1  m = mean(x)                         1 add per element
+///   pass 2  var = mean((x - m)^2)               sub + fma (x is in L1 by now)
+///   pass 3  y = fma(x, rstd, -m * rstd) * w + b  2 fma
+/// Rows with a large offset redo passes 2-3 around m with a correction term d.
 template <bool Center, bool HasW, bool HasB, class Acc, class T>
 void row_forward(const T* x, T* y, Index n, Acc eps, Affine<T> p, bool stream, Acc& mean,
                  Acc& rstd) {
   using namespace simd;
   using P = packet_t<Acc>;
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  Acc s = 0, d = 0;
-  if constexpr (Center) {
-    s = static_cast<Acc>(x[0]);
-    d = row_sum<true>(x, n, s) * inv_n;
+  const Acc m = Center ? row_sum<false>(x, n, Acc(0)) * inv_n : Acc(0);
+  Acc var = row_sum_sq<Center, false>(x, n, m, Acc(0)) * inv_n;
+  Acc r = Acc(1) / std::sqrt(var + eps);
+  Acc d = 0;
+  const bool fast = !Center || fast_row(m, r);
+  if (!fast) {
+    d = row_sum<true>(x, n, m) * inv_n;
+    var = row_sum_sq<true, true>(x, n, m, d) * inv_n;
+    r = Acc(1) / std::sqrt(var + eps);
   }
-  const Acc var = row_sum_sq<Center>(x, n, s, d) * inv_n;
   if (!std::isfinite(var) && all_finite(x, n)) {
     row_forward_wide<Center>(x, y, n, 1, eps, p, mean, rstd);
     return;
   }
-  const Acc r = Acc(1) / std::sqrt(var + eps);
-  mean = s + d;
+  mean = m + d;
   rstd = r;
-  const P ps = pset1<P>(s), pd = pset1<P>(d), pr = pset1<P>(r);
-  for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, bool st) {
-    P v = load_n<Acc>(x + i, cnt);
-    if constexpr (Center) v = psub(psub(v, ps), pd);
-    v = pmul(v, pr);
+  const P pm = pset1<P>(m), pd = pset1<P>(d), pr = pset1<P>(r), pnmr = pset1<P>(-m * r);
+  auto affine = [&](P v, Index i, Index cnt) {
     if constexpr (HasW && HasB)
-      v = pmadd(v, load_n<Acc>(p.weight + i, cnt), load_n<Acc>(p.bias + i, cnt));
+      return pmadd(v, load_n<Acc>(p.weight + i, cnt), load_n<Acc>(p.bias + i, cnt));
     else if constexpr (HasW)
-      v = pmul(v, load_n<Acc>(p.weight + i, cnt));
+      return pmul(v, load_n<Acc>(p.weight + i, cnt));
     else if constexpr (HasB)
-      v = padd(v, load_n<Acc>(p.bias + i, cnt));
-    store_n<Acc>(y + i, v, cnt, st);
-  });
+      return padd(v, load_n<Acc>(p.bias + i, cnt));
+    else
+      return v;
+  };
+  if (fast) {
+    for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, bool st) {
+      const P v = pmadd(load_n<Acc>(x + i, cnt), pr, pnmr);
+      store_n<Acc>(y + i, affine(v, i, cnt), cnt, st);
+    });
+  } else {
+    for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, bool st) {
+      const P v = pmul(psub(psub(load_n<Acc>(x + i, cnt), pm), pd), pr);
+      store_n<Acc>(y + i, affine(v, i, cnt), cnt, st);
+    });
+  }
 }
 
 /// Row backward in a wider type (rows whose sums overflowed Acc).
@@ -188,65 +218,75 @@ void row_backward_wide(const T* x, const T* dy, T* dx, Index n, Index stride, Ac
 
 /// One contiguous row of backward. dw/db (Acc partials, or null) are accumulated into;
 /// dx may alias x or dy.
+///   pass 1  B = sum(g), C = sum(g * xhat), g = dy * w, xhat = fma(x, rstd, -mean * rstd)
+///   pass 2  dx = fma(g, rstd, -rstd * mean(g)) - xhat * rstd * mean(g * xhat)
+///           dw += dy * xhat, db += dy
+/// Rows with a large offset (see kFastOffset) first recover c = mean(x) - mean, the part
+/// of the mean the float in the cache could not hold, and use xhat = ((x - mean) - c) * rstd.
 template <bool Center, bool HasW, class Acc, class T>
 void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, const T* w,
-                  Acc* dw, Acc* db) {
+                  Acc* dw, Acc* db, bool stream) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
-  const P pm = pset1<P>(mean);
-  // Pass 1: A = sum(x - mean), B = sum(g), C = sum(g * (x - mean)), two accumulators
-  // each to keep the dependency chains short.
-  P a0 = zero<Acc>(), a1 = zero<Acc>(), b0 = zero<Acc>(), b1 = zero<Acc>();
-  P c0 = zero<Acc>(), c1 = zero<Acc>();
-  Index i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    for (int u = 0; u < 2; ++u) {
-      P xm = load<Acc>(x + i + u * W);
-      if constexpr (Center) xm = psub(xm, pm);
-      P g = load<Acc>(dy + i + u * W);
-      if constexpr (HasW) g = pmul(g, load<Acc>(w + i + u * W));
-      P& a = u ? a1 : a0;
-      P& b = u ? b1 : b0;
-      P& c = u ? c1 : c0;
-      if constexpr (Center) a = padd(a, xm);
-      b = padd(b, g);
-      c = pmadd(g, xm, c);
-    }
-  }
-  Acc A = predux(padd(a0, a1)), B = predux(padd(b0, b1)), C = predux(padd(c0, c1));
-  for (; i < n; ++i) {
-    const Acc xm = static_cast<Acc>(x[i]) - (Center ? mean : Acc(0));
-    Acc g = static_cast<Acc>(dy[i]);
-    if constexpr (HasW) g *= static_cast<Acc>(w[i]);
-    A += xm;
-    B += g;
-    C += g * xm;
-  }
-  if (!(std::isfinite(A) && std::isfinite(B) && std::isfinite(C)) && all_finite(x, n) &&
-      all_finite(dy, n) && std::isfinite(mean) && std::isfinite(rstd)) {
-    row_backward_wide<Center>(x, dy, dx, n, 1, mean, rstd, HasW ? w : nullptr, dw, db);
-    return;
-  }
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  const Acc c = Center ? A * inv_n : Acc(0);  // mean(x) - mean_f, below float resolution
-  const Acc mg = Center ? B * inv_n : Acc(0);
-  const Acc mgx = rstd * (Center ? C - c * B : C) * inv_n;  // mean(g * xhat)
-  const P pc = pset1<P>(c), pr = pset1<P>(rstd), pmg = pset1<P>(mg), pmgx = pset1<P>(mgx);
-  // Pass 2: dx, and the parameter-gradient partials.
-  for_each_packet<Acc>(dx, n, false, [&](Index j, Index cnt, bool) {
-    P xh = load_n<Acc>(x + j, cnt);
-    if constexpr (Center) xh = psub(psub(xh, pm), pc);
-    xh = pmul(xh, pr);
-    const P d = load_n<Acc>(dy + j, cnt);
-    P g = d;
-    if constexpr (HasW) g = pmul(g, load_n<Acc>(w + j, cnt));
-    if (dw) store_n<Acc>(dw + j, pmadd(d, xh, load_n<Acc>(dw + j, cnt)), cnt, false);
-    if (db) store_n<Acc>(db + j, padd(d, load_n<Acc>(db + j, cnt)), cnt, false);
-    // rstd * (g - mg - xh * mgx)
-    const P v = pmul(pr, psub(psub(g, pmg), pmul(xh, pmgx)));
-    store_n<Acc>(dx + j, v, cnt, false);
-  });
+  const bool fast = !Center || fast_row(mean, rstd);
+  const Acc c = fast ? Acc(0) : row_sum<true>(x, n, mean) * inv_n;
+  const P pr = pset1<P>(rstd), pnmr = pset1<P>(-mean * rstd), pm = pset1<P>(mean),
+          pc = pset1<P>(c);
+  auto run = [&](auto fast_c) {
+    constexpr bool Fast = decltype(fast_c)::value;
+    auto xhat = [&](const P& v) {
+      if constexpr (Fast)
+        return pmadd(v, pr, pnmr);
+      else
+        return pmul(psub(psub(v, pm), pc), pr);
+    };
+    auto grad = [&](const P& d, Index i, Index cnt) {
+      if constexpr (HasW)
+        return pmul(d, load_n<Acc>(w + i, cnt));
+      else
+        return d;
+    };
+    // Pass 1, two accumulators each to keep the dependency chains short.
+    P b0 = zero<Acc>(), b1 = zero<Acc>(), c0 = zero<Acc>(), c1 = zero<Acc>();
+    Index i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const P g0 = grad(load<Acc>(dy + i), i, W), g1 = grad(load<Acc>(dy + i + W), i + W, W);
+      b0 = padd(b0, g0);
+      b1 = padd(b1, g1);
+      c0 = pmadd(g0, xhat(load<Acc>(x + i)), c0);
+      c1 = pmadd(g1, xhat(load<Acc>(x + i + W)), c1);
+    }
+    if (i < n) {  // the tail in packets too: zero-filled lanes add g = 0
+      for (; i < n; i += W) {
+        const Index cnt = std::min(W, n - i);
+        const P g = grad(load_n<Acc>(dy + i, cnt), i, cnt);
+        b0 = padd(b0, g);
+        c0 = pmadd(g, xhat(load_n<Acc>(x + i, cnt)), c0);
+      }
+    }
+    const Acc B = predux(padd(b0, b1)), C = predux(padd(c0, c1));
+    if (!(std::isfinite(B) && std::isfinite(C)) && all_finite(x, n) && all_finite(dy, n) &&
+        std::isfinite(mean) && std::isfinite(rstd)) {
+      row_backward_wide<Center>(x, dy, dx, n, 1, mean, rstd, HasW ? w : nullptr, dw, db);
+      return;
+    }
+    const Acc mg = Center ? B * inv_n : Acc(0), mgx = C * inv_n;
+    const P k0 = pset1<P>(-rstd * mg), nk1 = pset1<P>(-rstd * mgx);
+    // Pass 2: dx, and the parameter-gradient partials.
+    for_each_packet<Acc>(dx, n, stream, [&](Index j, Index cnt, bool st) {
+      const P xh = xhat(load_n<Acc>(x + j, cnt));
+      const P d = load_n<Acc>(dy + j, cnt);
+      if (dw) store_n<Acc>(dw + j, pmadd(d, xh, load_n<Acc>(dw + j, cnt)), cnt, false);
+      if (db) store_n<Acc>(db + j, padd(d, load_n<Acc>(db + j, cnt)), cnt, false);
+      store_n<Acc>(dx + j, pmadd(xh, nk1, pmadd(grad(d, j, cnt), pr, k0)), cnt, st);
+    });
+  };
+  if (fast)
+    run(std::true_type{});
+  else
+    run(std::false_type{});
 }
 
 // ---- Features strided by `ld`: a tile of up to kColTile columns at a time ----------

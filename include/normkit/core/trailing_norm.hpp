@@ -245,6 +245,8 @@ class TrailingNorm {
     const Acc* rstd = cache.rstd.data();
     const std::vector<Index> perm = row_major ? std::vector<Index>() : row_permutation(dims);
     const bool has_bias = has_bias_;
+    const bool stream = simd::can_stream_v<T> &&
+                        static_cast<std::size_t>(x.size()) * sizeof(T) >= simd::kStreamBytes;
 
     dispatch2(wp != nullptr, false, [&](auto hw, auto) {
       constexpr bool HasW = decltype(hw)::value;
@@ -260,7 +262,7 @@ class TrailingNorm {
                          if constexpr (row_major) {
                            const Acc m = Center ? mean[i] : Acc(0);
                            row_backward<Center, HasW>(xp + i * F, dyp + i * F, dxp + i * F, F, m,
-                                                      rstd[i], wp, dw, db);
+                                                      rstd[i], wp, dw, db, stream);
                          } else {
                            const Index c0 = i * kColTile, nc = std::min(kColTile, rows - c0);
                            Acc m[kColTile] = {}, s[kColTile];
@@ -274,6 +276,7 @@ class TrailingNorm {
                          }
                        }
                      }
+                     if (stream) simd::stream_fence();
                    });
     });
     if (!nparts) return;
