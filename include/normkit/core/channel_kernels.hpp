@@ -50,9 +50,12 @@ inline void merge(Moments& a, const Moments& b) {
 
 inline constexpr Index kRowPathMin = 32;  // shorter rows go through the column path
 inline constexpr Index kSeg = 2048;       // 8 KiB of float: both passes in L1
-inline constexpr Index kChunkRows = 64;   // column path: rows per chunk
+inline constexpr Index kChunkRows = 128;  // column path: rows per chunk
 inline constexpr Index kColGroup = 256;   // column path: columns per work item
-inline constexpr Index kTilePackets = 2;  // column path: packets per tile (registers)
+// Column path: packets per tile, as many independent accumulator chains as the 16
+// vector registers of AVX2 hold (moments: shift + 2 sums; grad sums: shift + 3 sums).
+inline constexpr Index kMomentPackets = 4;
+inline constexpr Index kSumPackets = 3;
 
 struct ChannelView {
   Index outer = 1, C = 1, inner = 1;
@@ -131,13 +134,13 @@ Moments column_moments_wide(const T* x, Index ld, Index nr) {
   return Moments{double(nr), m + sd / double(nr), std::max(0.0, sd2 - sd * sd / double(nr))};
 }
 
-/// Moments of nc <= kTilePackets * W columns over nr rows of a row-major matrix with
-/// leading dimension ld, merged into out[0, nc). The tile (nr x nc) is in L1 for pass 2.
+/// Moments of nc <= kMomentPackets * W columns over nr rows of a row-major matrix with
+/// leading dimension ld: cmean[c], cm2[c]. The tile (nr x nc) stays in L1 for pass 2.
 template <class Acc, class T>
-void tile_moments(const T* x, Index ld, Index nr, Index nc, Moments* out) {
+void tile_moments(const T* x, Index ld, Index nr, Index nc, double* cmean, double* cm2) {
   using namespace simd;
   using P = packet_t<Acc>;
-  constexpr Index W = packet_size<Acc>, K = kTilePackets;
+  constexpr Index W = packet_size<Acc>, K = kMomentPackets;
   const Index np = (nc + W - 1) / W;
   auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
   P s[K], a[K], q[K];
@@ -146,36 +149,51 @@ void tile_moments(const T* x, Index ld, Index nr, Index nc, Moments* out) {
     a[k] = zero<Acc>();
     q[k] = zero<Acc>();
   }
-  for (Index r = 1; r < nr; ++r)
-    for (Index k = 0; k < np; ++k) a[k] = padd(a[k], psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), s[k]));
+  if (np == K && nc == K * W) {  // the common case: full tiles, unrolled by the compiler
+    for (Index r = 1; r < nr; ++r)
+      for (Index k = 0; k < K; ++k) a[k] = padd(a[k], psub(load<Acc>(x + r * ld + k * W), s[k]));
+  } else {
+    for (Index r = 1; r < nr; ++r)
+      for (Index k = 0; k < np; ++k) a[k] = padd(a[k], psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), s[k]));
+  }
   const P inv = pset1<P>(Acc(1) / static_cast<Acc>(nr));
   for (Index k = 0; k < np; ++k) {
     s[k] = pmadd(a[k], inv, s[k]);  // the tile mean
     a[k] = zero<Acc>();
   }
-  for (Index r = 0; r < nr; ++r)
-    for (Index k = 0; k < np; ++k) {
-      const P d = psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), s[k]);
-      a[k] = padd(a[k], d);
-      q[k] = pmadd(d, d, q[k]);
-    }
+  if (np == K && nc == K * W) {
+    for (Index r = 0; r < nr; ++r)
+      for (Index k = 0; k < K; ++k) {
+        const P d = psub(load<Acc>(x + r * ld + k * W), s[k]);
+        a[k] = padd(a[k], d);
+        q[k] = pmadd(d, d, q[k]);
+      }
+  } else {
+    for (Index r = 0; r < nr; ++r)
+      for (Index k = 0; k < np; ++k) {
+        const P d = psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), s[k]);
+        a[k] = padd(a[k], d);
+        q[k] = pmadd(d, d, q[k]);
+      }
+  }
   alignas(64) Acc ms[K * W], as[K * W], qs[K * W];
   for (Index k = 0; k < np; ++k) {
     Eigen::internal::pstore(ms + k * W, s[k]);
     Eigen::internal::pstore(as + k * W, a[k]);
     Eigen::internal::pstore(qs + k * W, q[k]);
   }
-  const double dn = static_cast<double>(nr);
+  const double inv_n = 1.0 / static_cast<double>(nr);
   for (Index c = 0; c < nc; ++c) {
-    Moments mc;
     if (std::is_same_v<Acc, float> && !(std::isfinite(as[c]) && std::isfinite(qs[c])) &&
         all_finite(x + c, nr, ld)) {
-      mc = column_moments_wide(x + c, ld, nr);
+      const Moments w = column_moments_wide(x + c, ld, nr);
+      cmean[c] = w.mean;
+      cm2[c] = w.m2;
     } else {
       const double sa = as[c];
-      mc = Moments{dn, static_cast<double>(ms[c]) + sa / dn, std::max(0.0, double(qs[c]) - sa * sa / dn)};
+      cmean[c] = static_cast<double>(ms[c]) + sa * inv_n;
+      cm2[c] = std::max(0.0, double(qs[c]) - sa * sa * inv_n);
     }
-    merge(out[c], mc);
   }
 }
 
@@ -208,15 +226,32 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
   work.resize(static_cast<std::size_t>(bl.blocks * cols));
   const double elems = double(bl.per_block * std::min(cols, kColGroup));
   parallel_for(dev, bl.blocks * groups, elems * sizeof(T), 4.0 * elems, [&](Index i0, Index i1) {
+    // Chunk moments merged into the block's, structure of arrays so that the merge (the
+    // same weights for every column) vectorizes.
+    double bmean[kColGroup], bm2[kColGroup], cmean[kColGroup], cm2[kColGroup];
     for (Index i = i0; i < i1; ++i) {
       const Index b = i / groups, j0 = (i % groups) * kColGroup, nc = std::min(kColGroup, cols - j0);
-      Moments* o = work.data() + b * cols + j0;
-      std::fill(o, o + nc, Moments{});
+      double n = 0;
       for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += kChunkRows) {
         const Index nr = std::min(kChunkRows, bl.end(b) - r0);
-        for (Index t = 0; t < nc; t += kTilePackets * W)
-          tile_moments<Acc>(x + r0 * cols + j0 + t, cols, nr, std::min(kTilePackets * W, nc - t), o + t);
+        for (Index t = 0; t < nc; t += kMomentPackets * W)
+          tile_moments<Acc>(x + r0 * cols + j0 + t, cols, nr, std::min(kMomentPackets * W, nc - t), cmean + t,
+                            cm2 + t);
+        if (n == 0) {
+          std::copy(cmean, cmean + nc, bmean);
+          std::copy(cm2, cm2 + nc, bm2);
+        } else {
+          const double nb = static_cast<double>(nr), f = nb / (n + nb), g = n * nb / (n + nb);
+          for (Index j = 0; j < nc; ++j) {
+            const double delta = cmean[j] - bmean[j];
+            bmean[j] += delta * f;
+            bm2[j] += cm2[j] + delta * delta * g;
+          }
+        }
+        n += static_cast<double>(nr);
       }
+      Moments* o = work.data() + b * cols + j0;
+      for (Index j = 0; j < nc; ++j) o[j] = Moments{n, bmean[j], bm2[j]};
     }
   });
   for (Index c = 0; c < v.C; ++c)
@@ -265,13 +300,13 @@ void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, double* abc) {
   abc[2] = C;
 }
 
-/// The same over nc <= kTilePackets * W columns of nr rows (leading dimension ld),
+/// The same over nc <= kSumPackets * W columns of nr rows (leading dimension ld),
 /// added into abc[3 * c + {0, 1, 2}]; m is per column.
 template <class Acc, class T>
 void tile_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const Acc* m, double* abc) {
   using namespace simd;
   using P = packet_t<Acc>;
-  constexpr Index W = packet_size<Acc>, K = kTilePackets;
+  constexpr Index W = packet_size<Acc>, K = kSumPackets;
   const Index np = (nc + W - 1) / W;
   auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
   P pm[K], a[K], b[K], c[K];
@@ -279,14 +314,25 @@ void tile_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const
     pm[k] = load_n<Acc>(m + k * W, cnt(k));
     a[k] = b[k] = c[k] = zero<Acc>();
   }
-  for (Index r = 0; r < nr; ++r)
-    for (Index k = 0; k < np; ++k) {
-      const P d = psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), pm[k]);
-      const P g = load_n<Acc>(dy + r * ld + k * W, cnt(k));
-      a[k] = padd(a[k], d);
-      b[k] = padd(b[k], g);
-      c[k] = pmadd(g, d, c[k]);
-    }
+  if (np == K && nc == K * W) {  // the common case: full tiles, unrolled by the compiler
+    for (Index r = 0; r < nr; ++r)
+      for (Index k = 0; k < K; ++k) {
+        const P d = psub(load<Acc>(x + r * ld + k * W), pm[k]);
+        const P g = load<Acc>(dy + r * ld + k * W);
+        a[k] = padd(a[k], d);
+        b[k] = padd(b[k], g);
+        c[k] = pmadd(g, d, c[k]);
+      }
+  } else {
+    for (Index r = 0; r < nr; ++r)
+      for (Index k = 0; k < np; ++k) {
+        const P d = psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), pm[k]);
+        const P g = load_n<Acc>(dy + r * ld + k * W, cnt(k));
+        a[k] = padd(a[k], d);
+        b[k] = padd(b[k], g);
+        c[k] = pmadd(g, d, c[k]);
+      }
+  }
   alignas(64) Acc as[K * W], bs[K * W], cs[K * W];
   for (Index k = 0; k < np; ++k) {
     Eigen::internal::pstore(as + k * W, a[k]);
@@ -351,9 +397,9 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
       std::fill(o, o + 3 * nc, 0.0);
       for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += kChunkRows) {
         const Index nr = std::min(kChunkRows, bl.end(b) - r0);
-        for (Index t = 0; t < nc; t += kTilePackets * W)
+        for (Index t = 0; t < nc; t += kSumPackets * W)
           tile_grad_sums<Acc>(x + r0 * cols + j0 + t, dy + r0 * cols + j0 + t, cols, nr,
-                              std::min(kTilePackets * W, nc - t), mcol.data() + j0 + t, o + 3 * t);
+                              std::min(kSumPackets * W, nc - t), mcol.data() + j0 + t, o + 3 * t);
       }
     }
   });
@@ -376,9 +422,48 @@ struct ChannelMap {
   const Acc* k;  // null: no dy term
 };
 
+/// A tile of nc <= K * W columns over nr rows (leading dimension ld) of the column path,
+/// its coefficients held in registers for all the rows.
+template <int K, bool HasDy, class Acc, class T>
+void tile_map(const T* x, const T* dy, T* out, Index ld, Index nr, Index nc, const Acc* cm, const Acc* ca,
+              const Acc* cb, const Acc* ck, bool stream) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  const Index np = (nc + W - 1) / W;
+  auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
+  P pm[K], pa[K], pb[K], pk[K];
+  for (Index k = 0; k < np; ++k) {
+    pm[k] = load_n<Acc>(cm + k * W, cnt(k));
+    pa[k] = load_n<Acc>(ca + k * W, cnt(k));
+    pb[k] = load_n<Acc>(cb + k * W, cnt(k));
+    pk[k] = HasDy ? load_n<Acc>(ck + k * W, cnt(k)) : zero<Acc>();
+  }
+  auto value = [&](Index r, Index k, Index n) {
+    P v = pmadd(psub(load_n<Acc>(x + r * ld + k * W, n), pm[k]), pa[k], pb[k]);
+    if constexpr (HasDy) v = pmadd(load_n<Acc>(dy + r * ld + k * W, n), pk[k], v);
+    return v;
+  };
+  if (np == K && nc == K * W) {
+    for (Index r = 0; r < nr; ++r)
+      for (Index k = 0; k < K; ++k) {
+        T* o = out + r * ld + k * W;
+        store_n<Acc>(o, value(r, k, W), W, stream && misalignment<Acc>(o) == 0);
+      }
+  } else {
+    for (Index r = 0; r < nr; ++r)
+      for (Index k = 0; k < np; ++k) {
+        T* o = out + r * ld + k * W;
+        store_n<Acc>(o, value(r, k, cnt(k)), cnt(k), stream && cnt(k) == W && misalignment<Acc>(o) == 0);
+      }
+  }
+}
+
 /// out = (x - m) * a + b [+ k * dy] over the whole tensor; out may alias x or dy.
 /// (x - m) first, not x * a + (b - m * a): with a large offset, x * a would round away
-/// the spread that the normalization is for.
+/// the spread that the normalization is for. Rows go last to first: the statistics
+/// pass that usually precedes read them first to last, so the last ones are the ones
+/// still in the last-level cache.
 template <class T, class Acc, class Dev>
 void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelView& v, ChannelMap<Acc> p) {
   using namespace simd;
@@ -388,22 +473,23 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
   const bool has_dy = dy != nullptr;
   const double bytes = (has_dy ? 3.0 : 2.0) * sizeof(T);
   if (v.row_path()) {
-    parallel_for(dev, v.outer * v.C, bytes * v.inner, 3.0 * v.inner, [&](Index r0, Index r1) {
-      for (Index r = r0; r < r1; ++r) {
-        const Index c = r % v.C, off = r * v.inner;
+    const Index rows = v.outer * v.C;
+    parallel_for(dev, rows, bytes * v.inner, 3.0 * v.inner, [&](Index r0, Index r1) {
+      for (Index i = r0; i < r1; ++i) {
+        const Index r = rows - 1 - i, c = r % v.C, off = r * v.inner;
         const P pm = pset1<P>(p.m[c]), pa = pset1<P>(p.a[c]), pb = pset1<P>(p.b[c]);
         const T* xr = x + off;
         T* yr = out + off;
         if (has_dy) {
           const P pk = pset1<P>(p.k[c]);
           const T* gr = dy + off;
-          for_each_packet<Acc>(yr, v.inner, stream, [&](Index i, Index n, bool st) {
-            const P t = pmadd(psub(load_n<Acc>(xr + i, n), pm), pa, pb);
-            store_n<Acc>(yr + i, pmadd(load_n<Acc>(gr + i, n), pk, t), n, st);
+          for_each_packet<Acc>(yr, v.inner, stream, [&](Index j, Index n, bool st) {
+            const P t = pmadd(psub(load_n<Acc>(xr + j, n), pm), pa, pb);
+            store_n<Acc>(yr + j, pmadd(load_n<Acc>(gr + j, n), pk, t), n, st);
           });
         } else {
-          for_each_packet<Acc>(yr, v.inner, stream, [&](Index i, Index n, bool st) {
-            store_n<Acc>(yr + i, pmadd(psub(load_n<Acc>(xr + i, n), pm), pa, pb), n, st);
+          for_each_packet<Acc>(yr, v.inner, stream, [&](Index j, Index n, bool st) {
+            store_n<Acc>(yr + j, pmadd(psub(load_n<Acc>(xr + j, n), pm), pa, pb), n, st);
           });
         }
       }
@@ -411,7 +497,8 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
     });
     return;
   }
-  // Column path: the coefficients repeated per column of the [outer, C * inner] matrix.
+  // Column path: the coefficients repeated per column of the [outer, C * inner] matrix,
+  // applied by tiles of columns over chunks of rows.
   const Index cols = v.cols();
   std::vector<Acc> coef(static_cast<std::size_t>(4 * cols));
   Acc* cm = coef.data();
@@ -425,23 +512,20 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
     cb[j] = p.b[c];
     ck[j] = has_dy ? p.k[c] : Acc(0);
   }
-  parallel_for(dev, v.outer, bytes * cols, 3.0 * cols, [&](Index r0, Index r1) {
-    for (Index r = r0; r < r1; ++r) {
-      const T* xr = x + r * cols;
-      T* yr = out + r * cols;
+  constexpr Index W = packet_size<Acc>;
+  const Index chunks = (v.outer + kChunkRows - 1) / kChunkRows;
+  parallel_for(dev, chunks, bytes * cols * kChunkRows, 3.0 * cols * kChunkRows, [&](Index c0, Index c1) {
+    for (Index i = c0; i < c1; ++i) {
+      const Index r0 = (chunks - 1 - i) * kChunkRows, nr = std::min(kChunkRows, v.outer - r0);
+      const Index off = r0 * cols;
       if (has_dy) {
-        const T* gr = dy + r * cols;
-        for_each_packet<Acc>(yr, cols, stream, [&](Index i, Index n, bool st) {
-          const P t = pmadd(psub(load_n<Acc>(xr + i, n), load_n<Acc>(cm + i, n)), load_n<Acc>(ca + i, n),
-                            load_n<Acc>(cb + i, n));
-          store_n<Acc>(yr + i, pmadd(load_n<Acc>(gr + i, n), load_n<Acc>(ck + i, n), t), n, st);
-        });
+        for (Index t = 0; t < cols; t += 3 * W)
+          tile_map<3, true>(x + off + t, dy + off + t, out + off + t, cols, nr, std::min(3 * W, cols - t), cm + t,
+                            ca + t, cb + t, ck + t, stream);
       } else {
-        for_each_packet<Acc>(yr, cols, stream, [&](Index i, Index n, bool st) {
-          const P t = pmadd(psub(load_n<Acc>(xr + i, n), load_n<Acc>(cm + i, n)), load_n<Acc>(ca + i, n),
-                            load_n<Acc>(cb + i, n));
-          store_n<Acc>(yr + i, t, n, st);
-        });
+        for (Index t = 0; t < cols; t += 4 * W)
+          tile_map<4, false>(x + off + t, dy, out + off + t, cols, nr, std::min(4 * W, cols - t), cm + t, ca + t,
+                             cb + t, ck + t, stream);
       }
     }
     if (stream) stream_fence();
