@@ -2,5 +2,6 @@
 #pragma once
 
 #include "batch_norm.hpp"
+#include "dyt.hpp"
 #include "layer_norm.hpp"
 #include "rms_norm.hpp"

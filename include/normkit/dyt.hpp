@@ -1,0 +1,312 @@
+// DyT, Dynamic Tanh (Zhu, Chen, He, LeCun, Liu, "Transformers without Normalization",
+// CVPR 2025, arXiv 2503.10622): a drop-in replacement for LayerNorm with no reduction.
+//
+//   forward   u = tanh(alpha * x),  y = weight[c] * u + bias[c]
+//   backward  s = 1 - u^2
+//             dx = dy * s * weight[c] * alpha
+//             dalpha = sum_all dy * weight[c] * s * x    (a full reduction)
+//             dweight[c] = sum dy * u,  dbias[c] = sum dy  (over everything but axis c)
+//   shapes    x, y, dy, dx: any rank >= 1 with C channels on channel_axis (default -1,
+//             tokens x features and channels-last images; 1 for N, C, ... tensors);
+//             alpha: scalar; weight, bias: [C]; cache: tanh(alpha x) [numel] or empty
+//   derivation: docs/derivations/dyt.md
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "core/elementwise_kernels.hpp"
+
+namespace normkit {
+
+/// Where a DyT sits in a LLaMA-style model, for dyt_alpha_init_llm().
+enum class DyTPosition {
+  Attention,  // the DyT before the attention of a block
+  Other,      // the DyT before the FFN of a block, and the final one before the output
+};
+
+/// The initial alpha of the DyT paper for LLaMA-style models, by model width (the
+/// hidden size) and position. The paper (arXiv 2503.10622, Section 7 and Appendix)
+/// finds that LLMs need a smaller alpha the wider they are, and a larger one in the
+/// attention blocks; depth barely matters. Tabulated (attention / other):
+///   Table 11, by width:  1024: 1.0 / 1.0   2048: 1.0 / 0.5   4096: 0.8 / 0.2
+///                        8192: 0.2 / 0.05
+///   Table 10, LLaMA:     7B (width 4096): 0.8 / 0.2   13B (5120): 0.6 / 0.15
+///                        34B and 70B (8192): 0.2 / 0.05
+/// At a tabulated width the table's value is returned exactly. Between two tabulated
+/// widths, log(alpha) is interpolated linearly in log(width) (a geometric mean, so it
+/// stays between its neighbours and decreases with the width as the tables do).
+/// Below 1024 and above 8192 the nearest end of the table is returned: the paper gives
+/// no trend there, so the helper does not invent one. Non-LLM models use
+/// DyTOptions's default, 0.5. Throws normkit::Error for width <= 0.
+inline double dyt_alpha_init_llm(Index width, DyTPosition position) {
+  struct Row {
+    Index width;
+    double attention, other;
+  };
+  static constexpr Row kTable[] = {
+      {1024, 1.0, 1.0}, {2048, 1.0, 0.5}, {4096, 0.8, 0.2}, {5120, 0.6, 0.15}, {8192, 0.2, 0.05}};
+  if (width <= 0) detail::fail("dyt_alpha_init_llm: width must be > 0, got ", width);
+  const auto pick = [&](const Row& r) {
+    return position == DyTPosition::Attention ? r.attention : r.other;
+  };
+  constexpr std::size_t n = sizeof(kTable) / sizeof(kTable[0]);
+  if (width <= kTable[0].width) return pick(kTable[0]);
+  if (width >= kTable[n - 1].width) return pick(kTable[n - 1]);
+  std::size_t i = 1;
+  while (kTable[i].width < width) ++i;
+  if (kTable[i].width == width) return pick(kTable[i]);
+  const Row& lo = kTable[i - 1];
+  const Row& hi = kTable[i];
+  const double t = std::log(double(width) / double(lo.width)) /
+                   std::log(double(hi.width) / double(lo.width));
+  return std::exp((1 - t) * std::log(pick(lo)) + t * std::log(pick(hi)));
+}
+
+/// Options of DyT, set fluently: DyTOptions().alpha_init(0.8).bias(false).
+class DyTOptions {
+ public:
+  DyTOptions& alpha_init(double v) { alpha_init_ = v; return *this; }
+  DyTOptions& elementwise_affine(bool v) { affine_ = v; return *this; }
+  DyTOptions& bias(bool v) { bias_ = v; return *this; }
+  DyTOptions& channel_axis(int v) { axis_ = v; return *this; }
+  double alpha_init() const { return alpha_init_; }
+  bool elementwise_affine() const { return affine_; }
+  bool bias() const { return bias_; }
+  int channel_axis() const { return axis_; }
+
+ private:
+  double alpha_init_ = 0.5;  // the paper's default for non-LLM models
+  bool affine_ = true;       // learnable weight (ones) and, with bias(), bias (zeros)
+  bool bias_ = true;         // false: the official LLaMA variant (weight, no bias)
+  int axis_ = -1;            // negative counts from the end, as in PyTorch
+};
+
+/// Dynamic Tanh. Computes in float for float/half/bfloat16 storage, in double for
+/// double, with normkit's accurate vectorized tanh (at most 2 ulp). Any rank, RowMajor
+/// or ColMajor. forward() is const and safe to call from several threads at once.
+template <class T>
+class DyT {
+ public:
+  using Options = DyTOptions;
+  using Acc = detail::acc_t<T>;
+
+  /// What backward needs from a training forward. Small inputs keep tanh(alpha x)
+  /// (Acc, x's memory order), which in cache is cheaper than recomputing it; large ones
+  /// keep nothing, because one more stream through memory costs more than the tanh
+  /// (see kCacheTanhBytes). Either way backward gives the same bits.
+  struct Cache {
+    Eigen::Tensor<Acc, 1> tanh;  // [numel] or empty
+    Acc alpha = 0;               // the alpha of that forward: backward differentiates it
+    std::vector<Index> x_dims;   // shape of the x it was computed from; empty: not filled
+    bool empty() const { return x_dims.empty(); }
+  };
+
+  /// Parameter gradients. backward() overwrites them (it does not accumulate).
+  struct Grads {
+    T alpha = T(0);
+    Eigen::Tensor<T, 1> weight;  // [C], empty without elementwise_affine
+    Eigen::Tensor<T, 1> bias;    // [C], empty without a bias
+    detail::Workspace<Acc> work;
+  };
+
+  /// Inputs up to this size keep tanh in the cache. Measured on a 2-core EPYC (AVX2):
+  /// at 128x768 (384 KiB) caching makes backward ~2x faster; at 4096x768 (12 MiB) and
+  /// up the forward's extra write costs more than backward saves.
+  static constexpr std::size_t kCacheTanhBytes = std::size_t(4) << 20;
+
+  explicit DyT(Index channels, const Options& options = Options())
+      : C_(channels), opt_(options) {
+    if (channels < 0) detail::fail("DyT: channels must be >= 0, got ", channels);
+    if (!std::isfinite(options.alpha_init()))
+      detail::fail("DyT: alpha_init must be finite, got ", options.alpha_init());
+    alpha_ = static_cast<T>(options.alpha_init());
+    if (opt_.elementwise_affine()) {
+      weight_.resize(C_);
+      weight_.setConstant(T(1));
+      if (opt_.bias()) {
+        bias_.resize(C_);
+        bias_.setConstant(T(0));
+      }
+    }
+  }
+
+  /// Inference: y = DyT(x). y may be x itself (in place).
+  template <class X, class Y, detail::enable_if_tensors_t<X, Y> = 0>
+  void forward(const X& x, Y&& y) const {
+    forward_impl(Eigen::DefaultDevice(), x, y, nullptr);
+  }
+  /// Training: also fills `cache` for backward.
+  template <class X, class Y, detail::enable_if_tensors_t<X, Y> = 0>
+  void forward(const X& x, Y&& y, Cache& cache) const {
+    forward_impl(Eigen::DefaultDevice(), x, y, &cache);
+  }
+  template <class Device, class X, class Y, detail::enable_if_device_tensors_t<Device, X, Y> = 0>
+  void forward(const Device& dev, const X& x, Y&& y) const {
+    forward_impl(dev, x, y, nullptr);
+  }
+  template <class Device, class X, class Y, detail::enable_if_device_tensors_t<Device, X, Y> = 0>
+  void forward(const Device& dev, const X& x, Y&& y, Cache& cache) const {
+    forward_impl(dev, x, y, &cache);
+  }
+
+  /// dx (overwritten) and the parameter gradients (overwritten) from the x and cache of
+  /// a training forward, with the alpha of that forward and the current weight. dx may
+  /// be x or dy itself.
+  template <class X, class DY, class DX, detail::enable_if_tensors_t<X, DY, DX> = 0>
+  void backward(const X& x, const DY& dy, const Cache& cache, DX&& dx, Grads& grads) const {
+    backward_impl(Eigen::DefaultDevice(), x, dy, cache, dx, grads);
+  }
+  template <class Device, class X, class DY, class DX,
+            detail::enable_if_device_tensors_t<Device, X, DY, DX> = 0>
+  void backward(const Device& dev, const X& x, const DY& dy, const Cache& cache, DX&& dx,
+                Grads& grads) const {
+    backward_impl(dev, x, dy, cache, dx, grads);
+  }
+
+  T& alpha() { return alpha_; }
+  const T& alpha() const { return alpha_; }
+  /// [C], ones; empty without elementwise_affine.
+  Eigen::Tensor<T, 1>& weight() { return weight_; }
+  const Eigen::Tensor<T, 1>& weight() const { return weight_; }
+  /// [C], zeros; empty without elementwise_affine or with bias(false).
+  Eigen::Tensor<T, 1>& bias() { return bias_; }
+  const Eigen::Tensor<T, 1>& bias() const { return bias_; }
+  Index channels() const { return C_; }
+  bool elementwise_affine() const { return opt_.elementwise_affine(); }
+  bool has_bias() const { return opt_.elementwise_affine() && opt_.bias(); }
+  int channel_axis() const { return opt_.channel_axis(); }
+
+ private:
+  template <class X, class Y>
+  static constexpr void check_same_type() {
+    static_assert(std::is_same_v<typename detail::traits_of<X>::scalar, T>,
+                  "normkit: tensor scalar type differs from the layer's");
+    static_assert(std::is_same_v<typename detail::traits_of<Y>::scalar, T>,
+                  "normkit: tensor scalar type differs from the layer's");
+    static_assert(detail::traits_of<X>::rank == detail::traits_of<Y>::rank,
+                  "normkit: input and output tensors differ in rank");
+    static_assert(detail::traits_of<X>::row_major == detail::traits_of<Y>::row_major,
+                  "normkit: input and output tensors differ in layout (RowMajor/ColMajor)");
+  }
+
+  /// x's dims and its channel axis, after checking them.
+  template <class X>
+  std::pair<std::vector<Index>, std::size_t> check_x(const std::string& fn, const X& x) const {
+    std::vector<Index> dims = detail::dims_of(x);
+    const int rank = static_cast<int>(dims.size());
+    const int axis = opt_.channel_axis() < 0 ? opt_.channel_axis() + rank : opt_.channel_axis();
+    if (axis < 0 || axis >= rank)
+      detail::fail(fn, ": channel_axis ", opt_.channel_axis(), " is out of range for x of rank ",
+                   rank, " (x is ", detail::shape_str(dims), ")");
+    const Index got = dims[static_cast<std::size_t>(axis)];
+    if (got != C_) {
+      if (axis == rank - 1)
+        detail::fail(fn, ": x has ", got, " features, expected ", C_, " (x is ",
+                     detail::shape_str(dims), ")");
+      detail::fail(fn, ": x has ", got, " channels on axis ", axis, ", expected ", C_, " (x is ",
+                   detail::shape_str(dims), ")");
+    }
+    return {dims, static_cast<std::size_t>(axis)};
+  }
+
+  static void check_like(const std::string& fn, const char* arg, const std::vector<Index>& got,
+                         const std::vector<Index>& want) {
+    if (got != want)
+      detail::fail(fn, ": ", arg, " is ", detail::shape_str(got), ", expected ",
+                   detail::shape_str(want), " (the shape of x)");
+  }
+
+  template <class X>
+  static bool stream_output(const X& x) {
+    return detail::simd::can_stream_v<T> &&
+           static_cast<std::size_t>(x.size()) * sizeof(T) >= detail::simd::kStreamBytes;
+  }
+
+  template <class Dev, class X, class Y>
+  void forward_impl(const Dev& dev, const X& x, Y& y, Cache* cache) const {
+    static_assert(detail::traits_of<Y>::writable, "normkit: the output y must be writable");
+    check_same_type<X, Y>();
+    const std::string fn = "DyT::forward";
+    const auto [dims, axis] = check_x(fn, x);
+    check_like(fn, "y", detail::dims_of(y), dims);
+    if (detail::partial_overlap(x.data(), y.data(), x.size()))
+      detail::fail(fn, ": y partially overlaps x (only y == x, in place, is supported)");
+
+    const Acc alpha = static_cast<Acc>(alpha_);
+    Acc* u_out = nullptr;
+    if (cache) {
+      const bool keep = static_cast<std::size_t>(x.size()) * sizeof(T) <= kCacheTanhBytes;
+      cache->tanh.resize(keep ? x.size() : 0);
+      cache->alpha = alpha;
+      cache->x_dims = dims;
+      if (keep) u_out = cache->tanh.data();
+    }
+    const detail::Block3 v = detail::block3(dims, detail::traits_of<X>::row_major, axis, axis + 1);
+    detail::channel_map_forward<Dev, Acc>(dev, v, x.data(), y.data(), u_out,
+                                          detail::TanhMap<Acc>(alpha),
+                                          elementwise_affine() ? weight_.data() : nullptr,
+                                          has_bias() ? bias_.data() : nullptr, stream_output(x));
+  }
+
+  template <class Dev, class X, class DY, class DX>
+  void backward_impl(const Dev& dev, const X& x, const DY& dy, const Cache& cache, DX& dx,
+                     Grads& grads) const {
+    static_assert(detail::traits_of<DX>::writable, "normkit: the output dx must be writable");
+    check_same_type<X, DY>();
+    check_same_type<X, DX>();
+    const std::string fn = "DyT::backward";
+    const auto [dims, axis] = check_x(fn, x);
+    check_like(fn, "dy", detail::dims_of(dy), dims);
+    check_like(fn, "dx", detail::dims_of(dx), dims);
+    if (cache.empty())
+      detail::fail(fn, ": cache is empty, expected the cache filled by forward(x, y, cache)");
+    if (cache.x_dims != dims)
+      detail::fail(fn, ": cache is from x of shape ", detail::shape_str(cache.x_dims),
+                   ", but x is ", detail::shape_str(dims));
+    if (cache.tanh.size() != 0 && cache.tanh.size() != x.size())
+      detail::fail(fn, ": cache holds ", cache.tanh.size(), " tanh values, expected ", x.size(),
+                   " or none");
+    if (detail::partial_overlap(x.data(), dx.data(), x.size()))
+      detail::fail(fn, ": dx partially overlaps x (only dx == x or dx == dy is supported)");
+    if (detail::partial_overlap(dy.data(), dx.data(), x.size()))
+      detail::fail(fn, ": dx partially overlaps dy (only dx == x or dx == dy is supported)");
+
+    const bool affine = elementwise_affine(), with_bias = has_bias();
+    grads.weight.resize(affine ? C_ : 0);
+    grads.bias.resize(with_bias ? C_ : 0);
+    // dx = dy * s * k[c], k = weight * alpha: one multiply per element, not two.
+    const Acc alpha = cache.alpha;
+    std::vector<Acc> k(static_cast<std::size_t>(C_));
+    for (Index c = 0; c < C_; ++c)
+      k[static_cast<std::size_t>(c)] = (affine ? static_cast<Acc>(weight_(c)) : Acc(1)) * alpha;
+
+    const detail::Block3 v = detail::block3(dims, detail::traits_of<X>::row_major, axis, axis + 1);
+    const detail::ChannelGrads<Acc> g = detail::channel_map_backward<Dev, Acc>(
+        dev, v, x.data(), dy.data(), dx.data(), cache.tanh.size() ? cache.tanh.data() : nullptr,
+        detail::TanhMap<Acc>(alpha), k.data(), grads.work, stream_output(x));
+
+    // dalpha = sum_c weight[c] * sum(dy * s * x over channel c), in channel order and in
+    // a wider type: C terms, so the cost is nothing and the order is fixed.
+    detail::wide_t<Acc> dalpha = 0;
+    for (Index c = 0; c < C_; ++c) {
+      const auto q = static_cast<detail::wide_t<Acc>>(g.dpc[static_cast<std::size_t>(c)]);
+      dalpha += affine ? q * static_cast<detail::wide_t<Acc>>(static_cast<Acc>(weight_(c))) : q;
+    }
+    grads.alpha = static_cast<T>(static_cast<Acc>(dalpha));
+    for (Index c = 0; c < C_; ++c) {
+      if (affine) grads.weight(c) = static_cast<T>(g.dscale[static_cast<std::size_t>(c)]);
+      if (with_bias) grads.bias(c) = static_cast<T>(g.dshift[static_cast<std::size_t>(c)]);
+    }
+  }
+
+  Index C_;
+  Options opt_;
+  T alpha_;
+  Eigen::Tensor<T, 1> weight_, bias_;  // [C]
+};
+
+}  // namespace normkit
