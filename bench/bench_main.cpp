@@ -18,4 +18,20 @@ BENCHMARK(BM_Memcpy)->Apply(nkbench::row_shapes)->Iterations(1);
 
 }  // namespace
 
-BENCHMARK_MAIN();
+#ifndef NORMKIT_BENCH_PEERS
+#define NORMKIT_BENCH_PEERS "none"
+#endif
+
+// BENCHMARK_MAIN plus the context a reader needs to trust the table: which peers were
+// compiled in, and which thread counts were measured (NORMKIT_BENCH_THREADS).
+int main(int argc, char** argv) {
+  std::string threads;
+  for (int t : nkbench::thread_list()) threads += (threads.empty() ? "" : ",") + std::to_string(t);
+  benchmark::AddCustomContext("normkit_peers", NORMKIT_BENCH_PEERS);
+  benchmark::AddCustomContext("normkit_threads", threads);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

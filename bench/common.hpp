@@ -11,10 +11,14 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -102,9 +106,59 @@ inline void report(benchmark::State& state, double bytes_per_float, Index n, int
       benchmark::Counter(bytes * 1e-9 / roof, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/// The thread counts to measure: NORMKIT_BENCH_THREADS="1,2,16" (a comma list; "all"
+/// or "max" is std::thread::hardware_concurrency()), default 1 and 2. An environment
+/// variable rather than a flag because benchmarks register their Args before main runs.
+inline const std::vector<int>& thread_list() {
+  static const std::vector<int> list = [] {
+    std::vector<int> out;
+    const char* env = std::getenv("NORMKIT_BENCH_THREADS");
+    std::string s = env && *env ? env : "1,2";
+    std::size_t pos = 0;
+    while (pos <= s.size()) {
+      const std::size_t comma = std::min(s.find(',', pos), s.size());
+      const std::string item = s.substr(pos, comma - pos);
+      int t = 0;
+      if (item == "all" || item == "max")
+        t = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+      else if (!item.empty())
+        t = std::atoi(item.c_str());
+      if (t > 0 && std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
+      pos = comma + 1;
+    }
+    if (out.empty()) out = {1, 2};
+    return out;
+  }();
+  return list;
+}
+
+/// A peer's output checked against normkit's once, before timing, so that a misconfigured
+/// call is never timed: max |peer - ref| / max(1, max |ref|) must stay under `tol`.
+/// On a mismatch the benchmark is skipped with the difference in the error, and false
+/// is returned (the caller then leaves before its timing loop). Parameter gradients
+/// are long sums that peers accumulate in float (oneDNN 2.6's channels-last BatchNorm
+/// is off by 2e-3 of max |dweight| where normkit is within 1e-6): check them with
+/// kReductionTol; a misconfigured call is off by O(1) either way.
+constexpr double kReductionTol = 1e-2;
+inline bool check_peer(benchmark::State& state, const std::string& what, const float* peer,
+                       const float* ref, Index n, double tol = 1e-3) {
+  double diff = 0, scale = 1;
+  for (Index i = 0; i < n; ++i) {
+    const double d = std::abs(static_cast<double>(peer[i]) - static_cast<double>(ref[i]));
+    diff = std::isnan(d) || d > diff ? d : diff;  // a NaN sticks
+    scale = std::max(scale, std::abs(static_cast<double>(ref[i])));
+  }
+  const double rel = diff / scale;
+  if (rel < tol) return true;
+  state.SkipWithError((what + ": differs from normkit by " + std::to_string(rel) +
+                       " (relative max abs diff), tolerance " + std::to_string(tol))
+                          .c_str());
+  return false;
+}
+
 /// Rows x features x threads, the shapes of DESIGN.md.
 inline void row_shapes(benchmark::internal::Benchmark* b) {
-  for (int threads : {1, 2})
+  for (int threads : thread_list())
     for (auto rf : {std::pair<int, int>{128, 768}, {4096, 768}, {8192, 4096}})
       b->Args({rf.first, rf.second, threads});
   b->ArgNames({"rows", "features", "threads"});
