@@ -73,6 +73,13 @@ inline ChannelView channel_view(const std::vector<Index>& dims, bool row_major, 
 
 /// Column-path row blocks: a fixed number for the shape, at most 2^18 / cols of them so
 /// that the per-(block, column) partials stay a few MiB.
+/// Rows per chunk of the column path. Rows wider than 1 KiB stride over few L1 sets,
+/// so a tile of kChunkRows of them would not stay in L1 between its two passes.
+template <class T>
+Index chunk_rows(const ChannelView& v) {
+  return static_cast<std::size_t>(v.cols()) * sizeof(T) <= 1024 ? kChunkRows : 16;
+}
+
 inline Blocking column_blocking(const ChannelView& v) {
   const Index cap = std::max<Index>(1, std::min<Index>(64, (Index(1) << 18) / std::max<Index>(v.cols(), 1)));
   return fixed_blocking(v.outer, kChunkRows, cap);
@@ -224,6 +231,7 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
   const Index cols = v.cols(), groups = (cols + kColGroup - 1) / kColGroup;
   const Blocking bl = column_blocking(v);
   work.resize(static_cast<std::size_t>(bl.blocks * cols));
+  const Index crows = chunk_rows<T>(v);
   const double elems = double(bl.per_block * std::min(cols, kColGroup));
   parallel_for(dev, bl.blocks * groups, elems * sizeof(T), 4.0 * elems, [&](Index i0, Index i1) {
     // Chunk moments merged into the block's, structure of arrays so that the merge (the
@@ -232,8 +240,8 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
     for (Index i = i0; i < i1; ++i) {
       const Index b = i / groups, j0 = (i % groups) * kColGroup, nc = std::min(kColGroup, cols - j0);
       double n = 0;
-      for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += kChunkRows) {
-        const Index nr = std::min(kChunkRows, bl.end(b) - r0);
+      for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += crows) {
+        const Index nr = std::min(crows, bl.end(b) - r0);
         for (Index t = 0; t < nc; t += kMomentPackets * W)
           tile_moments<Acc>(x + r0 * cols + j0 + t, cols, nr, std::min(kMomentPackets * W, nc - t), cmean + t,
                             cm2 + t);
@@ -513,12 +521,24 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
     ck[j] = has_dy ? p.k[c] : Acc(0);
   }
   constexpr Index W = packet_size<Acc>;
+  const bool narrow = static_cast<std::size_t>(cols) * sizeof(T) <= 1024;
   const Index chunks = (v.outer + kChunkRows - 1) / kChunkRows;
   parallel_for(dev, chunks, bytes * cols * kChunkRows, 3.0 * cols * kChunkRows, [&](Index c0, Index c1) {
     for (Index i = c0; i < c1; ++i) {
       const Index r0 = (chunks - 1 - i) * kChunkRows, nr = std::min(kChunkRows, v.outer - r0);
       const Index off = r0 * cols;
-      if (has_dy) {
+      if (!narrow) {  // wide rows: contiguous, the coefficients from L1
+        for (Index r = nr - 1; r >= 0; --r)
+          for (Index t = 0; t < cols; t += W) {
+            const Index n = std::min(W, cols - t);
+            if (has_dy)
+              tile_map<1, true>(x + off + r * cols + t, dy + off + r * cols + t, out + off + r * cols + t, cols, 1, n,
+                                cm + t, ca + t, cb + t, ck + t, stream);
+            else
+              tile_map<1, false>(x + off + r * cols + t, dy, out + off + r * cols + t, cols, 1, n, cm + t, ca + t,
+                                 cb + t, ck + t, stream);
+          }
+      } else if (has_dy) {
         for (Index t = 0; t < cols; t += 3 * W)
           tile_map<3, true>(x + off + t, dy + off + t, out + off + t, cols, nr, std::min(3 * W, cols - t), cm + t,
                             ca + t, cb + t, ck + t, stream);
