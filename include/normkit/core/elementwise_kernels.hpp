@@ -28,6 +28,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.hpp"
@@ -159,16 +160,40 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
   const double bytes_per = (3.0 + (u_in ? 1.0 : 0.0)) * sizeof(T);
   const double cycles_per = u_in ? 2.0 : 8.0;
 
-  // One element: dx, and the three sums accumulated into ds, dh, dq.
-  auto element = [&](const T* xp, const T* dyp, T* dxp, const Acc* up, const P& kv, Index cnt,
-                     bool st, P& ds, P& dh, P& dq) {
-    const P xv = load_n<Acc>(xp, cnt), d = load_n<Acc>(dyp, cnt);
-    const P u = up ? load_n<Acc>(up, cnt) : f.value(xv);
+  // One packet: dx, and the three sums accumulated into ds, dh, dq. Full packets
+  // (Cnt == W) and the cached/recomputed choice are compile-time, so the hot loop has
+  // no partial-load logic and no branch on the cache.
+  auto element = [&](auto cached, auto full, const T* xp, const T* dyp, T* dxp, const Acc* up,
+                     const P& kv, Index cnt, bool st, P& ds, P& dh, P& dq) {
+    constexpr bool Cached = decltype(cached)::value, Full = decltype(full)::value;
+    const P xv = Full ? load<Acc>(xp) : load_n<Acc>(xp, cnt);
+    const P d = Full ? load<Acc>(dyp) : load_n<Acc>(dyp, cnt);
+    P u;
+    if constexpr (Cached)
+      u = Full ? load<Acc>(up) : load_n<Acc>(up, cnt);
+    else
+      u = f.value(xv);
     const P gs = pmul(d, f.slope(u));
-    store_n<Acc>(dxp, pmul(gs, kv), cnt, st);
+    if constexpr (Full) {
+      if (st)
+        store_stream<Acc>(dxp, pmul(gs, kv));
+      else
+        store<Acc>(dxp, pmul(gs, kv));
+    } else {
+      store_n<Acc>(dxp, pmul(gs, kv), cnt, st);
+    }
     ds = pmadd(d, u, ds);
     dh = padd(dh, d);
     dq = pmadd(gs, xv, dq);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  // The cached tanh at `off`; never formed from a null pointer.
+  auto u_at = [&](auto cached, Index off) -> const Acc* {
+    if constexpr (decltype(cached)::value)
+      return u_in + off;
+    else
+      return nullptr;
   };
 
   if (use_rows(v)) {
@@ -193,20 +218,38 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                      std::fill(pq, pq + n, Acc(0));
                      for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += kRowGroup) {
                        const Index nr = std::min(kRowGroup, bl.end(b) - r0);
-                       for (Index i = 0; i < n; i += W) {
-                         const Index cnt = std::min(W, n - i);
+                       auto columns = [&](auto cached) {
+                         Index i = 0;
+                         for (; i + W <= n; i += W) {
+                           P ds = load<Acc>(ps + i), dh = load<Acc>(ph + i), dq = load<Acc>(pq + i);
+                           const P kv = load<Acc>(ke.data() + c0 + i);
+                           for (Index r = r0; r < r0 + nr; ++r) {
+                             const Index off = r * L + c0 + i;
+                             element(cached, Yes{}, x + off, dy + off, dx + off, u_at(cached, off), kv, W,
+                                     st_rows, ds, dh, dq);
+                           }
+                           store<Acc>(ps + i, ds);
+                           store<Acc>(ph + i, dh);
+                           store<Acc>(pq + i, dq);
+                         }
+                         if (i == n) return;
+                         const Index cnt = n - i;
                          P ds = load_n<Acc>(ps + i, cnt), dh = load_n<Acc>(ph + i, cnt),
                            dq = load_n<Acc>(pq + i, cnt);
                          const P kv = load_n<Acc>(ke.data() + c0 + i, cnt);
                          for (Index r = r0; r < r0 + nr; ++r) {
                            const Index off = r * L + c0 + i;
-                           element(x + off, dy + off, dx + off, u_in ? u_in + off : nullptr, kv, cnt,
-                                   st_rows, ds, dh, dq);
+                           element(cached, No{}, x + off, dy + off, dx + off, u_at(cached, off), kv, cnt,
+                                   false, ds, dh, dq);
                          }
                          store_n<Acc>(ps + i, ds, cnt, false);
                          store_n<Acc>(ph + i, dh, cnt, false);
                          store_n<Acc>(pq + i, dq, cnt, false);
-                       }
+                       };
+                       if (u_in)
+                         columns(Yes{});
+                       else
+                         columns(No{});
                      }
                    }
                    if (st_rows) stream_fence();
@@ -245,10 +288,20 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                    const Index n = std::min(kRunSeg, v.inner - s0), off = run * v.inner + s0;
                    const P kv = pset1<P>(k[c]);
                    P ds = zero<Acc>(), dh = zero<Acc>(), dq = zero<Acc>();
-                   for_each_packet<Acc>(dx + off, n, stream, [&](Index i, Index cnt, bool st) {
-                     element(x + off + i, dy + off + i, dx + off + i,
-                             u_in ? u_in + off + i : nullptr, kv, cnt, st, ds, dh, dq);
-                   });
+                   auto segment = [&](auto cached) {
+                     for_each_packet<Acc>(dx + off, n, stream, [&](Index i, Index cnt, bool st) {
+                       if (cnt == W)
+                         element(cached, Yes{}, x + off + i, dy + off + i, dx + off + i,
+                                 u_at(cached, off + i), kv, W, st, ds, dh, dq);
+                       else
+                         element(cached, No{}, x + off + i, dy + off + i, dx + off + i,
+                                 u_at(cached, off + i), kv, cnt, st, ds, dh, dq);
+                     });
+                   };
+                   if (u_in)
+                     segment(Yes{});
+                   else
+                     segment(No{});
                    part[3 * it] = predux(ds);
                    part[3 * it + 1] = predux(dh);
                    part[3 * it + 2] = predux(dq);
