@@ -528,16 +528,17 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
       const Index r0 = (chunks - 1 - i) * kChunkRows, nr = std::min(kChunkRows, v.outer - r0);
       const Index off = r0 * cols;
       if (!narrow) {  // wide rows: contiguous, the coefficients from L1
-        for (Index r = nr - 1; r >= 0; --r)
-          for (Index t = 0; t < cols; t += W) {
-            const Index n = std::min(W, cols - t);
-            if (has_dy)
-              tile_map<1, true>(x + off + r * cols + t, dy + off + r * cols + t, out + off + r * cols + t, cols, 1, n,
-                                cm + t, ca + t, cb + t, ck + t, stream);
-            else
-              tile_map<1, false>(x + off + r * cols + t, dy, out + off + r * cols + t, cols, 1, n, cm + t, ca + t,
-                                 cb + t, ck + t, stream);
-          }
+        for (Index r = r0 + nr - 1; r >= r0; --r) {
+          const T* xr = x + r * cols;
+          const T* gr = has_dy ? dy + r * cols : nullptr;
+          T* yr = out + r * cols;
+          for_each_packet<Acc>(yr, cols, stream, [&](Index j, Index n, bool st) {
+            P t = pmadd(psub(load_n<Acc>(xr + j, n), load_n<Acc>(cm + j, n)), load_n<Acc>(ca + j, n),
+                        load_n<Acc>(cb + j, n));
+            if (gr) t = pmadd(load_n<Acc>(gr + j, n), load_n<Acc>(ck + j, n), t);
+            store_n<Acc>(yr + j, t, n, st);
+          });
+        }
       } else if (has_dy) {
         for (Index t = 0; t < cols; t += 3 * W)
           tile_map<3, true>(x + off + t, dy + off + t, out + off + t, cols, nr, std::min(3 * W, cols - t), cm + t,
