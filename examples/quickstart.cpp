@@ -1,5 +1,7 @@
 // quickstart: forward and backward of each normkit layer, in a few lines each.
-// Prints, per layer, the first output row's mean and variance and the gradient norms.
+// Prints, per layer, the first output row's mean and variance and the gradient norms:
+// LayerNorm, RMSNorm, DyT (no statistics: its output saturates on offset inputs) and
+// BatchNorm in training and eval mode.
 #include <normkit/normkit.hpp>
 
 #include <cmath>
@@ -55,6 +57,19 @@ int main() {
 
   normkit::RMSNorm<float> rms(features);   // eps = FLT_EPSILON, weight 1
   train_step("RMSNorm", rms, x, dy);       // y rows: mean square 1
+
+  normkit::DyT<float> dyt(features);       // y = weight * tanh(alpha x) + bias, alpha 0.5
+  train_step("DyT", dyt, x, dy);           // no statistics: x = 5 +- 3 saturates tanh, y ~ 1
+
+  // BatchNorm normalizes each channel (here a feature) over the batch (here the tokens):
+  // a new BatchNorm is in training mode and updates its running statistics.
+  normkit::BatchNorm<float> bn(features);  // channel axis 1 of [N, C]; momentum 0.1
+  train_step("BatchNorm", bn, x, dy);
+  bn.eval();                               // inference: the running statistics
+  Tensor2 y_eval(tokens, features);
+  bn.forward(x, y_eval);
+  std::printf("BatchNorm eval: running_mean[0] %.4f (0.9 * 0 + 0.1 * batch mean), y[0] mean %+.4f\n",
+              static_cast<double>(bn.running_mean()(0)), row_mean(y_eval, 0));
 
   // Inference on two threads, through an Eigen device.
   Eigen::ThreadPool pool(2);
