@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -47,6 +48,13 @@ template <class T>
 inline void validate_eps(const char* layer, double eps) {
   if (!(eps > 0) || !std::isfinite(eps))
     fail(layer, ": eps must be a finite number > 0, got ", eps);
+  // The kernels add eps in the accumulation type and take rsqrt of var + eps in SIMD,
+  // where a subnormal argument counts as 0: below the smallest normal number of that
+  // type, a constant row would get rstd = inf and NaN outputs.
+  using Acc = acc_t<T>;
+  if (!(eps >= static_cast<double>(std::numeric_limits<Acc>::min())))
+    fail(layer, ": eps must be >= ", static_cast<double>(std::numeric_limits<Acc>::min()),
+         " (the smallest normal ", sizeof(Acc) == 4 ? "float" : "double", ", the accumulation type), got ", eps);
 }
 
 template <class T, bool Center>
