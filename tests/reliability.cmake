@@ -1,0 +1,24 @@
+# Reliability (issue 7): adversarial numerics and error-path state of every layer,
+# concurrent use of one layer and one device, and the fuzz target's corpus replay.
+normkit_add_test(test_adversarial SOURCES test_adversarial.cpp LABELS unit reliability)
+normkit_add_test(test_concurrency SOURCES test_concurrency.cpp LABELS unit reliability concurrency)
+
+# The fuzz target's decoder and checks run in every build, without clang: a plain
+# program that replays the seed corpus and 300 pseudo-random inputs.
+add_executable(fuzz_layers_replay fuzz/fuzz_layers.cpp)
+target_compile_definitions(fuzz_layers_replay PRIVATE NORMKIT_FUZZ_REPLAY)
+target_link_libraries(fuzz_layers_replay PRIVATE normkit::normkit normkit_dev_flags)
+add_test(NAME FuzzLayersReplay COMMAND fuzz_layers_replay ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/corpus --random 300)
+set_tests_properties(FuzzLayersReplay PROPERTIES LABELS "unit;reliability;fuzz")
+
+# The libFuzzer target itself (clang): scripts/ci-sanitizers.sh runs it for a bounded time.
+option(NORMKIT_BUILD_FUZZ "Build the libFuzzer target tests/fuzz/fuzz_layers.cpp (clang only)" OFF)
+if(NORMKIT_BUILD_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    message(FATAL_ERROR "NORMKIT_BUILD_FUZZ needs clang (libFuzzer), not ${CMAKE_CXX_COMPILER_ID}")
+  endif()
+  add_executable(fuzz_layers fuzz/fuzz_layers.cpp)
+  target_link_libraries(fuzz_layers PRIVATE normkit::normkit normkit_dev_flags)
+  target_compile_options(fuzz_layers PRIVATE -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined)
+  target_link_options(fuzz_layers PRIVATE -fsanitize=fuzzer,address,undefined)
+endif()

@@ -1,0 +1,168 @@
+// Concurrent use of LayerNorm, RMSNorm, DyT and BatchNorm: many threads run inference (and backward with their own Grads) on one
+// shared layer object, on their own DefaultDevice and on one shared ThreadPoolDevice,
+// and every result is bitwise the single-threaded one. Built also under ThreadSanitizer
+// (scripts/ci-sanitizers.sh), which turns any data race behind these calls into a failure.
+//
+// What is safe to call concurrently on one layer object:
+//   - forward(x, y) and forward(x, y, cache) of LayerNorm, RMSNorm, DyT: const, no
+//     mutable state; each thread passes its own y and cache.
+//   - backward(...) of every layer: const; each thread passes its own dx and Grads (the
+//     Grads hold the scratch memory).
+//   - BatchNorm::forward in eval mode with track_running_stats: reads the running
+//     statistics only.
+// What is not: BatchNorm::forward in training mode (it updates running_mean,
+// running_var and num_batches_tracked, and uses scratch inside the layer) or with
+// track_running_stats(false) (batch statistics, same scratch); train()/eval() and any
+// write to weight()/bias()/running_*() while other threads call the layer.
+#include <normkit/normkit.hpp>
+
+#include <atomic>
+#include <thread>
+
+#include "test_support.hpp"
+
+namespace {
+
+using nktest::Index;
+using RM2 = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+using CM3 = Eigen::Tensor<float, 3, Eigen::ColMajor>;
+
+constexpr int kThreads = 8;
+constexpr int kIters = 12;
+constexpr int kInputs = 4;
+
+template <class Tensor>
+bool same_bits(const Tensor& a, const Tensor& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * static_cast<std::size_t>(a.size())) == 0;
+}
+
+/// Runs body(thread, iteration, device) from kThreads threads at once; the device is
+/// the shared pool device on odd iterations, a thread-local DefaultDevice on even ones.
+template <class Body>
+void hammer(const Eigen::ThreadPoolDevice& shared, Body body) {
+  std::vector<std::thread> threads;
+  std::atomic<int> ready{0};
+  for (int t = 0; t < kThreads; ++t)
+    threads.emplace_back([&, t] {
+      ++ready;
+      while (ready.load() < kThreads) std::this_thread::yield();  // start together
+      Eigen::DefaultDevice own;
+      for (int it = 0; it < kIters; ++it) {
+        if (it % 2) body(t, it, shared);
+        else body(t, it, own);
+      }
+    });
+  for (auto& th : threads) th.join();
+}
+
+template <class Layer, class X>
+void trailing_layer_case(Layer& layer, const std::vector<X>& xs, const std::vector<X>& dys) {
+  Eigen::ThreadPool pool(4);
+  Eigen::ThreadPoolDevice dev(&pool, 4);
+  // Single-threaded references.
+  std::vector<X> ys, dxs;
+  std::vector<typename Layer::Grads> gs(xs.size());
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    X y = xs[i], dx = xs[i];
+    typename Layer::Cache c;
+    layer.forward(xs[i], y, c);
+    layer.backward(xs[i], dys[i], c, dx, gs[i]);
+    ys.push_back(y);
+    dxs.push_back(dx);
+  }
+  std::atomic<int> mismatches{0};
+  hammer(dev, [&](int t, int it, const auto& d) {
+    const std::size_t i = static_cast<std::size_t>(t + it) % xs.size();
+    X y = xs[i], yc = xs[i], dx = xs[i];
+    y.setZero();
+    layer.forward(d, xs[i], y);
+    if (!same_bits(y, ys[i])) ++mismatches;
+    typename Layer::Cache c;
+    typename Layer::Grads g;
+    layer.forward(d, xs[i], yc, c);
+    layer.backward(d, xs[i], dys[i], c, dx, g);
+    if (!same_bits(yc, ys[i]) || !same_bits(dx, dxs[i]) || !same_bits(g.weight, gs[i].weight)) ++mismatches;
+  });
+  EXPECT_EQ(mismatches.load(), 0);
+}
+
+std::vector<RM2> random_inputs(Index rows, Index F, unsigned seed) {
+  std::vector<RM2> v;
+  for (int i = 0; i < kInputs; ++i)
+    v.push_back(nktest::make_tensor<float, 2, Eigen::RowMajor>({rows, F}, nktest::random_vector(rows * F, seed + i, -3, 3)));
+  return v;
+}
+
+TEST(ConcurrencyTest, SharedLayerNormInferenceAndBackward) {
+  normkit::LayerNorm<float> ln(96);
+  ln.weight().setRandom();
+  ln.bias().setRandom();
+  trailing_layer_case(ln, random_inputs(200, 96, 1), random_inputs(200, 96, 11));
+}
+
+TEST(ConcurrencyTest, SharedRMSNormInferenceAndBackward) {
+  normkit::RMSNorm<float> rms(96);
+  rms.weight().setRandom();
+  trailing_layer_case(rms, random_inputs(200, 96, 21), random_inputs(200, 96, 31));
+}
+
+TEST(ConcurrencyTest, SharedDyTInferenceAndBackward) {
+  normkit::DyT<float> dyt(96);
+  dyt.weight().setRandom();
+  dyt.bias().setRandom();
+  trailing_layer_case(dyt, random_inputs(200, 96, 81), random_inputs(200, 96, 91));
+}
+
+TEST(ConcurrencyTest, SharedLayerNormColMajor) {
+  normkit::LayerNorm<float> ln(17);
+  ln.weight().setRandom();
+  std::vector<CM3> xs, dys;
+  for (int i = 0; i < kInputs; ++i) {
+    xs.push_back(nktest::make_tensor<float, 3, Eigen::ColMajor>({9, 70, 17}, nktest::random_vector(9 * 70 * 17, 40 + i)));
+    dys.push_back(nktest::make_tensor<float, 3, Eigen::ColMajor>({9, 70, 17}, nktest::random_vector(9 * 70 * 17, 50 + i)));
+  }
+  trailing_layer_case(ln, xs, dys);
+}
+
+TEST(ConcurrencyTest, SharedBatchNormEvalInference) {
+  normkit::BatchNorm<float> bn(24);
+  bn.weight().setRandom();
+  bn.bias().setRandom();
+  bn.running_mean().setRandom();
+  bn.running_var() = bn.running_var().constant(0.5f) + bn.running_var().random().abs();
+  bn.eval();
+  Eigen::ThreadPool pool(4);
+  Eigen::ThreadPoolDevice dev(&pool, 4);
+  using T4 = Eigen::Tensor<float, 4, Eigen::RowMajor>;
+  std::vector<T4> xs, dys, ys, dxs;
+  std::vector<normkit::BatchNorm<float>::Grads> gs(kInputs);
+  for (int i = 0; i < kInputs; ++i) {
+    xs.push_back(nktest::make_tensor<float, 4, Eigen::RowMajor>({3, 24, 9, 11}, nktest::random_vector(3 * 24 * 99, 60 + i)));
+    dys.push_back(nktest::make_tensor<float, 4, Eigen::RowMajor>({3, 24, 9, 11}, nktest::random_vector(3 * 24 * 99, 70 + i)));
+    T4 y = xs.back(), dx = xs.back();
+    normkit::BatchNorm<float>::Cache c;
+    bn.forward(xs.back(), y, c);
+    bn.backward(xs.back(), dys.back(), c, dx, gs[static_cast<std::size_t>(i)]);
+    ys.push_back(y);
+    dxs.push_back(dx);
+  }
+  const Eigen::Tensor<float, 1> rm = bn.running_mean(), rv = bn.running_var();
+  std::atomic<int> mismatches{0};
+  hammer(dev, [&](int t, int it, const auto& d) {
+    const std::size_t i = static_cast<std::size_t>(t + it) % xs.size();
+    T4 y = xs[i], dx = xs[i];
+    normkit::BatchNorm<float>::Cache c;
+    normkit::BatchNorm<float>::Grads g;
+    bn.forward(d, xs[i], y, c);
+    bn.backward(d, xs[i], dys[i], c, dx, g);
+    if (!same_bits(y, ys[i]) || !same_bits(dx, dxs[i]) || !same_bits(g.weight, gs[i].weight) ||
+        !same_bits(g.bias, gs[i].bias))
+      ++mismatches;
+  });
+  EXPECT_EQ(mismatches.load(), 0);
+  EXPECT_TRUE(same_bits(rm, bn.running_mean()));
+  EXPECT_TRUE(same_bits(rv, bn.running_var()));
+  EXPECT_EQ(bn.num_batches_tracked(), 0);
+}
+
+}  // namespace
