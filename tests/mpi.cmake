@@ -22,5 +22,8 @@ foreach(ranks 2 3)
   add_test(NAME BatchNormMpi.${ranks}Ranks
            COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${ranks} ${NORMKIT_MPIEXEC_FLAGS}
                    ${MPIEXEC_PREFLAGS} $<TARGET_FILE:test_batch_norm_mpi> ${MPIEXEC_POSTFLAGS})
-  set_tests_properties(BatchNormMpi.${ranks}Ranks PROPERTIES LABELS "mpi" TIMEOUT 120)
+  # Open MPI leaks at exit by design; under ASan keep the memory-error checks and drop
+  # only leak detection for these tests.
+  set_tests_properties(BatchNormMpi.${ranks}Ranks PROPERTIES LABELS "mpi" TIMEOUT 120
+                       ENVIRONMENT "ASAN_OPTIONS=detect_leaks=0")
 endforeach()
