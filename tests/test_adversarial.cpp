@@ -348,8 +348,6 @@ std::vector<double> near_max_values(Index n, unsigned seed) {
 }
 
 TYPED_TEST(AdversarialTest, ValuesNearFloatMax) {
-  if constexpr (std::is_same_v<TypeParam, KindOf<BatchNormKind>>)
-    GTEST_SKIP() << "known BatchNorm defect (issue 4 stays open): per-channel sums overflow near FLT_MAX/DBL_MAX (inf/NaN outputs, NaN running stats); no wide fallback yet";
   unsigned seed = 50;
   for (const auto& s : shapes<NK_KIND(TypeParam)>()) {
     check_both_layouts<NK_KIND(TypeParam), float>("near FLT_MAX", s, near_max_values<float>(s.size(), seed),
@@ -409,8 +407,6 @@ TYPED_TEST(AdversarialTest, SmallestAllowedEps) {
 }
 
 TYPED_TEST(AdversarialTest, ReducedPrecisionSumsBeyondTheFormat) {
-  if constexpr (std::is_same_v<TypeParam, KindOf<BatchNormKind>>)
-    GTEST_SKIP() << "known BatchNorm defect (issue 4 stays open): running_var of half/bfloat16 storage overflows to inf where PyTorch saturates differently; to be decided and fixed";
   unsigned seed = 110;
   for (const auto& s : shapes<NK_KIND(TypeParam)>()) {
     // half: values up to 6e4 (max 65504); a row's sum and every square overflow half.
@@ -429,13 +425,81 @@ TYPED_TEST(AdversarialTest, ReducedPrecisionSumsBeyondTheFormat) {
 // held as one double (ulp 1.2e-4, 1% of the spread), where LayerNorm/RMSNorm carry the
 // low part separately. Known to fail: reported to the lead (issue 7 closing note).
 TEST(BatchNormAdversarialTest, DoubleHugeOffsetTinySpread) {
-  GTEST_SKIP() << "known BatchNorm defect (issue 4 stays open): the double mean of a 1e12-offset channel "
-                  "is held as one double; LayerNorm's correction term is not yet in BatchNorm";
   unsigned seed = 14;
   for (const auto& s : shapes<BatchNormKind>()) {
     check_both_layouts<BatchNormKind, double>("offset 1e12 spread 1e-2", s, offset_values(s.size(), 1e12, 1e-2, seed),
                                              nktest::random_vector(s.size(), seed + 1), 1e-5, seed);
     seed += 10;
+  }
+}
+
+// Channels of very different magnitudes in one tensor: near FLT_MAX, std 1e25 (rstd^2
+// below the smallest float), an ordinary one, and a constant one whose weight pushes
+// rstd * weight past FLT_MAX (y must still be its bias, not 0 * inf). The odd ones go through BatchNorm's long-double path, the rest through
+// the vector kernels; in place (y = x, dx = dy and dx = x) and on 3 threads the results
+// must be the same bits as out of place on one thread, and the values those of the
+// long-double reference (checked channel by channel in the scenarios above).
+TEST(BatchNormAdversarialTest, MixedRangeChannelsInPlaceAndThreaded) {
+  for (int layout = 0; layout < 2; ++layout) {
+    const Index N = 5, C = 4, S = 37;
+    auto run = [&](auto tag) {
+      constexpr int L = decltype(tag)::value;
+      using Ten = Eigen::Tensor<float, 3, L>;
+      Ten x(N, C, S), dy(N, C, S);
+      const auto xs = nktest::random_vector(N * C * S, 7, -1, 1), gs = nktest::random_vector(N * C * S, 8);
+      const double scale[C] = {3e38, 1e25, 1.0, 0.0};
+      for (Index n = 0; n < N; ++n)
+        for (Index c = 0; c < C; ++c)
+          for (Index k = 0; k < S; ++k) {
+            const std::size_t i = static_cast<std::size_t>((n * C + c) * S + k);
+            x(n, c, k) = static_cast<float>(xs[i] * scale[c]);
+            dy(n, c, k) = static_cast<float>(gs[i]);
+          }
+      normkit::BatchNorm<float> bn(C);
+      bn.weight().setValues({0.5f, -2.0f, 1.5f, 3e37f});  // 3e37 / sqrt(eps) overflows float
+      bn.bias().setValues({0.0f, 1.0f, -1.0f, 0.25f});
+      normkit::BatchNorm<float> bn2 = bn;
+      Ten y(N, C, S), dx(N, C, S);
+      normkit::BatchNorm<float>::Cache cache, cache2;
+      normkit::BatchNorm<float>::Grads g, g2;
+      bn.forward(x, y, cache);
+      bn.backward(x, dy, cache, dx, g);
+      // Finite everywhere (dx of the last channel is weight * rstd * (dy - mean(dy)),
+      // beyond FLT_MAX in earnest), and the constant channel is its bias.
+      for (Index n = 0; n < N; ++n)
+        for (Index c = 0; c < C; ++c)
+          for (Index k = 0; k < S; ++k) {
+            EXPECT_TRUE(std::isfinite(y(n, c, k))) << n << " " << c << " " << k;
+            if (c < 3) EXPECT_TRUE(std::isfinite(dx(n, c, k))) << n << " " << c << " " << k;
+            if (c == 3) EXPECT_EQ(y(n, c, k), 0.25f);
+          }
+      Eigen::ThreadPool pool(3);
+      Eigen::ThreadPoolDevice dev(&pool, 3);
+      Ten xy = x, gdx = dy, x2 = x;
+      bn2.forward(dev, xy, xy, cache2);  // in place
+      EXPECT_EQ(0, std::memcmp(xy.data(), y.data(), sizeof(float) * y.size()));
+      bn2.backward(dev, x, gdx, cache2, gdx, g2);  // dx = dy
+      EXPECT_EQ(0, std::memcmp(gdx.data(), dx.data(), sizeof(float) * dx.size()));
+      bn2.backward(dev, x2, dy, cache2, x2, g2);  // dx = x
+      EXPECT_EQ(0, std::memcmp(x2.data(), dx.data(), sizeof(float) * dx.size()));
+      EXPECT_EQ(0, std::memcmp(g2.weight.data(), g.weight.data(), sizeof(float) * C));
+      EXPECT_EQ(0, std::memcmp(bn2.running_var().data(), bn.running_var().data(), sizeof(float) * C));
+      // Eval mode: the running statistics, the same paths.
+      bn.eval();
+      bn2.eval();
+      bn.forward(x, y, cache);
+      bn.backward(x, dy, cache, dx, g);
+      xy = x;
+      gdx = dy;
+      bn2.forward(dev, xy, xy, cache2);
+      bn2.backward(dev, x, gdx, cache2, gdx, g2);
+      EXPECT_EQ(0, std::memcmp(xy.data(), y.data(), sizeof(float) * y.size()));
+      EXPECT_EQ(0, std::memcmp(gdx.data(), dx.data(), sizeof(float) * dx.size()));
+    };
+    if (layout == 0)
+      run(std::integral_constant<int, Eigen::RowMajor>());
+    else
+      run(std::integral_constant<int, Eigen::ColMajor>());
   }
 }
 

@@ -19,6 +19,8 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -92,6 +94,9 @@ class BatchNorm {
     bool batch_stats = false;      // true: backward goes through the batch statistics
     double count = 0;              // values per channel (over all processes)
     std::vector<Index> x_dims;     // shape of the x it was computed from; empty: not filled
+    // Channels normalized in long double (their values or coefficients leave Acc's
+    // range: |x| near its maximum, std > 1e19 in float), with their exact statistics.
+    std::vector<detail::WideChannel> wide;
     bool empty() const { return x_dims.empty(); }
   };
 
@@ -256,7 +261,10 @@ class BatchNorm {
     const bool batch = batch_stats();
     StatsReducer* red = opt_.reducer().get();
     const Index C = C_;
-    std::vector<double> mean(static_cast<std::size_t>(C)), var(static_cast<std::size_t>(C));
+    // Statistics in long double; m[c] is the mean rounded to Acc and corr[c] the rest of
+    // it (a large offset is not representable in Acc to the precision of the spread).
+    std::vector<long double> mean(static_cast<std::size_t>(C)), var(mean.size()), corr(mean.size()), r(mean.size());
+    std::vector<Acc> m(mean.size());
     double count = 0;
     if (batch) {
       // Without a reducer the checks come first; with one, every process must join the
@@ -268,37 +276,116 @@ class BatchNorm {
       if (red) count = reduce_moments(*red, mom);
       if (count == 1) too_few_values(fn, dims);
       if (count == 0) {  // nothing to normalize anywhere: no statistics, no update
-        if (cache) fill_cache(*cache, dims, batch, nullptr, nullptr, 0);
+        if (cache) fill_cache(*cache, dims, batch, nullptr, nullptr, 0, {});
         return;
       }
       for (Index c = 0; c < C; ++c) {
         mean[c] = mom[c].mean;
-        var[c] = mom[c].m2 / count;
+        var[c] = static_cast<long double>(mom[c].m2) / count;
+        if constexpr (std::is_same_v<Acc, double>) {
+          // Moments of values near DBL_MAX overflow double: redone in long double.
+          if (!red && !(std::isfinite(mom[c].mean) && std::isfinite(mom[c].m2)))
+            detail::exact_channel_moments(x.data(), v, c, mean[c], var[c]);
+        }
+      }
+      set_shift(mean, var, m, corr, r);
+      if constexpr (std::is_same_v<Acc, double>) {
+        // A double channel far from zero (1e12 +- 1e-2) has a mean that no long double
+        // holds to the precision of its spread, and its pieces' means merged as doubles
+        // lose the variance too. Around m, every x - m is exact: A = sum(x - m) and
+        // Q = sum((x - m)^2) give both.
+        std::vector<char> offset(mean.size());
+        bool any = false;
+        for (Index c = 0; c < C; ++c) any |= (offset[c] = offset_channel(mean[c], r[c])) != 0;
+        if (any) {
+          std::vector<double> sums(static_cast<std::size_t>(3 * C)), work;
+          detail::channel_grad_sums<T, Acc, true>(dev, x.data(), nullptr, m.data(), v, work, sums.data());
+          if (red) red->allreduce_sum(sums.data(), 3 * C);
+          for (Index c = 0; c < C; ++c) {
+            if (!offset[c]) continue;
+            const long double A = sums[c], Q = sums[2 * C + c];
+            corr[c] = A / count;
+            mean[c] = static_cast<long double>(m[c]) + corr[c];
+            var[c] = std::max(0.0L, Q - A * corr[c]) / count;
+            r[c] = 1 / std::sqrt(var[c] + static_cast<long double>(opt_.eps()));
+          }
+        }
       }
       if (training_ && opt_.track_running_stats()) update_running(mean, var, count);
     } else {
       count = static_cast<double>(v.count());
       for (Index c = 0; c < C; ++c) {
-        mean[c] = static_cast<double>(running_mean_(c));
-        var[c] = static_cast<double>(running_var_(c));
+        mean[c] = static_cast<long double>(static_cast<double>(running_mean_(c)));
+        var[c] = static_cast<long double>(static_cast<double>(running_var_(c)));
       }
+      set_shift(mean, var, m, corr, r);
     }
 
-    // y = (x - m) * a + b with m the mean rounded to Acc, and b absorbing the rest of it
-    // (a large offset is not representable in float to the precision of the spread).
-    std::vector<Acc> m(static_cast<std::size_t>(C)), a(m.size()), b(m.size()), rs(m.size());
+    // y = (x - m) * a + b, b absorbing corr.
+    std::vector<Acc> a(m.size()), b(m.size()), rs(m.size());
+    std::vector<detail::WideChannel> wide;
     for (Index c = 0; c < C; ++c) {
-      const double r = 1.0 / std::sqrt(var[c] + opt_.eps());
-      const double w = opt_.affine() ? static_cast<double>(weight_(c)) : 1.0;
-      const double bb = opt_.affine() ? static_cast<double>(bias_(c)) : 0.0;
-      m[c] = static_cast<Acc>(mean[c]);
-      a[c] = static_cast<Acc>(r * w);
-      b[c] = static_cast<Acc>(bb - (mean[c] - static_cast<double>(m[c])) * r * w);
-      rs[c] = static_cast<Acc>(r);
+      const long double w = opt_.affine() ? static_cast<long double>(static_cast<double>(weight_(c))) : 1;
+      const long double bb = opt_.affine() ? static_cast<long double>(static_cast<double>(bias_(c))) : 0;
+      const long double aw = r[c] * w, bw = bb - corr[c] * aw;
+      rs[c] = static_cast<Acc>(r[c]);
+      if (is_wide(batch, count, mean[c], var[c], r[c], {aw, bw})) {
+        wide.push_back({c, mean[c], r[c]});
+        m[c] = a[c] = b[c] = rs[c] = Acc(0);  // the vector pass writes 0; the wide pass the values
+        continue;
+      }
+      a[c] = static_cast<Acc>(aw);
+      b[c] = static_cast<Acc>(bw);
     }
+    std::vector<T> wide_y = wide_forward(x.data(), v, wide);
     detail::channel_map<T, Acc>(dev, x.data(), nullptr, y.data(), v,
                                 detail::ChannelMap<Acc>{m.data(), a.data(), b.data(), nullptr});
-    if (cache) fill_cache(*cache, dims, batch, m.data(), rs.data(), count);
+    detail::scatter_channels(wide_y.data(), v, wide, y.data());
+    if (cache) fill_cache(*cache, dims, batch, m.data(), rs.data(), count, std::move(wide));
+  }
+
+  void set_shift(const std::vector<long double>& mean, const std::vector<long double>& var, std::vector<Acc>& m,
+                 std::vector<long double>& corr, std::vector<long double>& r) const {
+    for (std::size_t c = 0; c < mean.size(); ++c) {
+      m[c] = static_cast<Acc>(mean[c]);
+      corr[c] = std::isfinite(mean[c]) ? mean[c] - static_cast<long double>(m[c]) : 0;
+      r[c] = 1 / std::sqrt(var[c] + static_cast<long double>(opt_.eps()));
+    }
+  }
+
+  /// |mean| * rstd beyond which the mean's rounding to one double costs more than a few
+  /// ulp of xhat.
+  static bool offset_channel(long double mean, long double r) {
+    return std::isfinite(mean) && std::isfinite(r) && std::fabs(mean) * r > 2;
+  }
+
+  /// A channel with finite statistics goes through the long-double path when the
+  /// accumulation type cannot hold its intermediates: deviations x - mean beyond its
+  /// range (values near its maximum), rstd below its smallest normal (std > 1e19 in
+  /// float), or a coefficient (rstd * weight, the bias term) outside its normal range.
+  static bool is_wide(bool batch, double count, long double mean, long double var, long double r,
+                      std::initializer_list<long double> coefficients) {
+    if (!(std::isfinite(mean) && std::isfinite(var))) return false;  // NaN/Inf stay in their channel
+    const long double max_acc = std::numeric_limits<Acc>::max(), min_acc = std::numeric_limits<Acc>::min();
+    const bool deviations = batch ? var * count > max_acc * max_acc / 4
+                                  : std::fabs(mean) > max_acc * std::numeric_limits<Acc>::epsilon();
+    return deviations || r < min_acc || out_of_range(coefficients);
+  }
+
+  /// y of the wide channels, in long double, channel after channel (before y is written:
+  /// y may be x).
+  std::vector<T> wide_forward(const T* x, const detail::ChannelView& v, const std::vector<detail::WideChannel>& wide) const {
+    std::vector<T> out(wide.size() * static_cast<std::size_t>(v.count()));
+    std::size_t j = 0;
+    for (const detail::WideChannel& w : wide) {
+      const long double wt = opt_.affine() ? static_cast<long double>(static_cast<double>(weight_(w.channel))) : 1;
+      const long double bs = opt_.affine() ? static_cast<long double>(static_cast<double>(bias_(w.channel))) : 0;
+      detail::for_each_in_channel(v, w.channel, [&](Index k) {
+        const long double xhat = (static_cast<long double>(static_cast<double>(x[k])) - w.mean) * w.invstd;
+        out[j++] = static_cast<T>(static_cast<double>(xhat * wt + bs));
+      });
+    }
+    return out;
   }
 
   [[noreturn]] static void too_few_values(const std::string& fn, const std::vector<Index>& dims) {
@@ -307,7 +394,8 @@ class BatchNorm {
   }
 
   void fill_cache(Cache& cache, const std::vector<Index>& dims, bool batch, const Acc* m, const Acc* rs,
-                  double count) const {
+                  double count, std::vector<detail::WideChannel> wide) const {
+    cache.wide = std::move(wide);
     cache.mean.resize(C_);
     cache.invstd.resize(C_);
     for (Index c = 0; c < C_; ++c) {
@@ -346,13 +434,14 @@ class BatchNorm {
     return count;
   }
 
-  void update_running(const std::vector<double>& mean, const std::vector<double>& var, double count) {
+  void update_running(const std::vector<long double>& mean, const std::vector<long double>& var, double count) {
     ++num_batches_tracked_;
-    const double f = opt_.momentum() ? *opt_.momentum() : 1.0 / static_cast<double>(num_batches_tracked_);
-    const double unbias = count / (count - 1);
+    const long double f = opt_.momentum() ? *opt_.momentum() : 1.0L / static_cast<long double>(num_batches_tracked_);
+    const long double unbias = static_cast<long double>(count) / (count - 1);
     for (Index c = 0; c < C_; ++c) {
-      running_mean_(c) = static_cast<T>((1 - f) * static_cast<double>(running_mean_(c)) + f * mean[c]);
-      running_var_(c) = static_cast<T>((1 - f) * static_cast<double>(running_var_(c)) + f * var[c] * unbias);
+      const long double rm = static_cast<double>(running_mean_(c)), rv = static_cast<double>(running_var_(c));
+      running_mean_(c) = static_cast<T>(static_cast<double>((1 - f) * rm + f * mean[c]));
+      running_var_(c) = static_cast<T>(static_cast<double>((1 - f) * rv + f * var[c] * unbias));
     }
   }
 
@@ -392,43 +481,98 @@ class BatchNorm {
       return;
     }
 
-    // A = sum(x - m), B = sum(dy), Cc = sum(dy * (x - m)) per channel, over all processes.
+    // A = sum(x - m), B = sum(dy), Cc = sum(dy * (x - m)) per channel, over all processes;
+    // for the channels forward sent through long double, (0, B, sum(dy * xhat)) from there.
     std::vector<double> sums(static_cast<std::size_t>(3 * C), 0.0);
     const Acc* m = cache.mean.data();
+    std::vector<const detail::WideChannel*> was_wide(static_cast<std::size_t>(C), nullptr);
+    for (const detail::WideChannel& w : cache.wide) was_wide[static_cast<std::size_t>(w.channel)] = &w;
     if (need_sums) {
       detail::channel_grad_sums<T, Acc>(dev, x.data(), dy.data(), m, v, grads.work, sums.data());
+      for (const detail::WideChannel& w : cache.wide) {
+        long double sb = 0, sc = 0;
+        detail::for_each_in_channel(v, w.channel, [&](Index i) {
+          const long double g = static_cast<double>(dy.data()[i]);
+          sb += g;
+          sc += g * ((static_cast<long double>(static_cast<double>(x.data()[i])) - w.mean) * w.invstd);
+        });
+        sums[w.channel] = 0;
+        sums[C + w.channel] = static_cast<double>(sb);
+        sums[2 * C + w.channel] = static_cast<double>(sc);
+      }
       if (red) red->allreduce_sum(sums.data(), 3 * C);
     }
+    // dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), k = weight * rstd (batch mode),
+    // dx = k * dy (eval), as the map ((x - m) * a + dy) * k + b. Channels whose
+    // coefficients leave Acc's range are done in long double.
     const double n = cache.count;
     std::vector<Acc> a(static_cast<std::size_t>(C)), b(a.size()), k(a.size()), zero(a.size(), Acc(0));
+    std::vector<WideGrad> wide;
     for (Index c = 0; c < C; ++c) {
-      const double r = static_cast<double>(cache.invstd(c));
-      const double w = affine ? static_cast<double>(weight_(c)) : 1.0;
-      const double A = sums[c], B = sums[C + c], Cc = sums[2 * C + c];
-      // In batch mode m is the float-rounded batch mean; A / n is what it misses.
-      const double corr = batch && n > 0 ? A / n : 0.0;
-      const double sum_dy_xhat = (Cc - corr * B) * r;
+      const detail::WideChannel* ww = was_wide[static_cast<std::size_t>(c)];
+      const long double r = ww ? ww->invstd : static_cast<long double>(cache.invstd(c));
+      const long double w = affine ? static_cast<long double>(static_cast<double>(weight_(c))) : 1;
+      const long double A = sums[c], B = sums[C + c], Cc = sums[2 * C + c];
+      // In batch mode m is the rounded batch mean; A / n is what it misses.
+      const long double corr = batch && n > 0 && !ww ? A / n : 0;
+      const long double sum_dy_xhat = ww ? Cc : (Cc - corr * B) * r;
       if (affine) {
-        grads.weight(c) = static_cast<T>(sum_dy_xhat);
-        grads.bias(c) = static_cast<T>(B);
+        grads.weight(c) = static_cast<T>(static_cast<double>(sum_dy_xhat));
+        grads.bias(c) = static_cast<T>(static_cast<double>(B));
       }
-      const double k1 = w * r;
-      k[c] = static_cast<Acc>(k1);
+      const long double k1 = w * r;
+      long double a1 = 0, b1 = 0;
       if (batch && n > 0) {
-        const double k2 = -k1 * r * sum_dy_xhat / n;
-        a[c] = static_cast<Acc>(k2);
-        b[c] = static_cast<Acc>(-k1 * B / n - k2 * corr);
-      } else {
-        a[c] = b[c] = Acc(0);
+        a1 = -r * sum_dy_xhat / n;
+        b1 = k1 * (-B / n - a1 * corr);
       }
+      if (ww || out_of_range({k1, a1, b1})) {
+        const long double mean = ww ? ww->mean : static_cast<long double>(m[c]) + corr;
+        wide.push_back({c, mean, r, k1, batch && n > 0 ? B / n : 0, batch && n > 0 ? sum_dy_xhat / n : 0});
+        a[c] = b[c] = k[c] = Acc(0);  // the vector pass writes 0; the wide pass the values
+        continue;
+      }
+      a[c] = static_cast<Acc>(a1);
+      b[c] = static_cast<Acc>(b1);
+      k[c] = static_cast<Acc>(k1);
     }
     if (x.size() == 0) return;
+    std::vector<T> wide_dx = wide_backward(x.data(), dy.data(), v, wide);
     if (batch)
       detail::channel_map<T, Acc>(dev, x.data(), dy.data(), dx.data(), v,
                                   detail::ChannelMap<Acc>{m, a.data(), b.data(), k.data()});
     else  // dx = k * dy: the map with dy in the place of x
       detail::channel_map<T, Acc>(dev, dy.data(), nullptr, dx.data(), v,
                                   detail::ChannelMap<Acc>{zero.data(), k.data(), zero.data(), nullptr});
+    std::vector<detail::WideChannel> channels;
+    for (const WideGrad& w : wide) channels.push_back({w.channel, 0, 0});
+    detail::scatter_channels(wide_dx.data(), v, channels, dx.data());
+  }
+
+  /// A channel of backward in long double: dx = k * (dy - mean_dy - xhat * mean_dy_xhat).
+  struct WideGrad {
+    Index channel;
+    long double mean, invstd, k, mean_dy, mean_dy_xhat;
+  };
+
+  static bool out_of_range(std::initializer_list<long double> coefficients) {
+    const long double max_acc = std::numeric_limits<Acc>::max(), min_acc = std::numeric_limits<Acc>::min();
+    for (long double k : coefficients)
+      if (std::isfinite(k) && k != 0 && !(std::fabs(k) >= min_acc && std::fabs(k) <= max_acc)) return true;
+    return false;
+  }
+
+  static std::vector<T> wide_backward(const T* x, const T* dy, const detail::ChannelView& v,
+                                      const std::vector<WideGrad>& wide) {
+    std::vector<T> out(wide.size() * static_cast<std::size_t>(v.count()));
+    std::size_t j = 0;
+    for (const WideGrad& w : wide)
+      detail::for_each_in_channel(v, w.channel, [&](Index i) {
+        const long double xhat = (static_cast<long double>(static_cast<double>(x[i])) - w.mean) * w.invstd;
+        const long double g = static_cast<double>(dy[i]);
+        out[j++] = static_cast<T>(static_cast<double>(w.k * (g - w.mean_dy - xhat * w.mean_dy_xhat)));
+      });
+    return out;
   }
 
   Index C_;

@@ -4,7 +4,8 @@
 //
 //   moments    (n, mean, M2) per channel over outer x inner values, in double
 //   grad sums  A = sum(x - m), B = sum(dy), Cc = sum(dy * (x - m)) per channel, in double
-//   map        out = (x - m) * a + b  [+ k * dy]   with m, a, b, k per channel
+//   map        out = (x - m) * a + b,  or with dy: out = ((x - m) * a + dy) * k + b,
+//              m, a, b, k per channel
 //
 // Two memory shapes:
 // - row path (inner >= kRowPathMin: NCHW, NCL, ColMajor channels-last): every (o, c) is
@@ -270,7 +271,8 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
 // ---- backward sums ----------------------------------------------------------------
 
 /// A = sum(x - m), B = sum(dy), Cc = sum(dy * (x - m)) over a contiguous run, in Acc.
-template <class Acc, class T>
+/// SelfDy: dy is x - m itself, so that Cc = sum((x - m)^2) (dy unused).
+template <class Acc, bool SelfDy = false, class T>
 void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, double* abc) {
   using namespace simd;
   using P = packet_t<Acc>;
@@ -281,7 +283,7 @@ void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, double* abc) {
   Index i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
     const P d0 = psub(load<Acc>(x + i), pm), d1 = psub(load<Acc>(x + i + W), pm);
-    const P g0 = load<Acc>(dy + i), g1 = load<Acc>(dy + i + W);
+    const P g0 = SelfDy ? d0 : load<Acc>(dy + i), g1 = SelfDy ? d1 : load<Acc>(dy + i + W);
     a0 = padd(a0, d0);
     a1 = padd(a1, d1);
     b0 = padd(b0, g0);
@@ -291,15 +293,15 @@ void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, double* abc) {
   }
   Acc A = predux(padd(a0, a1)), B = predux(padd(b0, b1)), C = predux(padd(c0, c1));
   for (; i < n; ++i) {
-    const Acc d = static_cast<Acc>(x[i]) - m, g = static_cast<Acc>(dy[i]);
+    const Acc d = static_cast<Acc>(x[i]) - m, g = SelfDy ? d : static_cast<Acc>(dy[i]);
     A += d;
     B += g;
     C += g * d;
   }
   if constexpr (std::is_same_v<Acc, float>) {
     if (!(std::isfinite(A) && std::isfinite(B) && std::isfinite(C)) && all_finite(x, n) &&
-        all_finite(dy, n) && std::isfinite(m)) {
-      segment_grad_sums<double>(x, dy, n, static_cast<double>(m), abc);
+        (SelfDy || all_finite(dy, n)) && std::isfinite(m)) {
+      segment_grad_sums<double, SelfDy>(x, dy, n, static_cast<double>(m), abc);
       return;
     }
   }
@@ -310,7 +312,7 @@ void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, double* abc) {
 
 /// The same over nc <= kSumPackets * W columns of nr rows (leading dimension ld),
 /// added into abc[3 * c + {0, 1, 2}]; m is per column.
-template <class Acc, class T>
+template <class Acc, bool SelfDy, class T>
 void tile_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const Acc* m, double* abc) {
   using namespace simd;
   using P = packet_t<Acc>;
@@ -326,7 +328,7 @@ void tile_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const
     for (Index r = 0; r < nr; ++r)
       for (Index k = 0; k < K; ++k) {
         const P d = psub(load<Acc>(x + r * ld + k * W), pm[k]);
-        const P g = load<Acc>(dy + r * ld + k * W);
+        const P g = SelfDy ? d : load<Acc>(dy + r * ld + k * W);
         a[k] = padd(a[k], d);
         b[k] = padd(b[k], g);
         c[k] = pmadd(g, d, c[k]);
@@ -335,7 +337,7 @@ void tile_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const
     for (Index r = 0; r < nr; ++r)
       for (Index k = 0; k < np; ++k) {
         const P d = psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), pm[k]);
-        const P g = load_n<Acc>(dy + r * ld + k * W, cnt(k));
+        const P g = SelfDy ? d : load_n<Acc>(dy + r * ld + k * W, cnt(k));
         a[k] = padd(a[k], d);
         b[k] = padd(b[k], g);
         c[k] = pmadd(g, d, c[k]);
@@ -350,10 +352,10 @@ void tile_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const
   for (Index j = 0; j < nc; ++j) {
     double* o = abc + 3 * j;
     if (std::is_same_v<Acc, float> && !(std::isfinite(as[j]) && std::isfinite(bs[j]) && std::isfinite(cs[j])) &&
-        all_finite(x + j, nr, ld) && all_finite(dy + j, nr, ld) && std::isfinite(m[j])) {
+        all_finite(x + j, nr, ld) && (SelfDy || all_finite(dy + j, nr, ld)) && std::isfinite(m[j])) {
       for (Index r = 0; r < nr; ++r) {
         const double d = static_cast<double>(x[r * ld + j]) - static_cast<double>(m[j]);
-        const double g = static_cast<double>(dy[r * ld + j]);
+        const double g = SelfDy ? d : static_cast<double>(dy[r * ld + j]);
         o[0] += d;
         o[1] += g;
         o[2] += g * d;
@@ -367,7 +369,8 @@ void tile_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const
 }
 
 /// Per-channel A, B, Cc around the per-channel shift m[C]: out[3 * C] as A[C], B[C], Cc[C].
-template <class T, class Acc, class Dev>
+/// SelfDy (dy null): B = A and Cc = sum((x - m)^2), the moments around m.
+template <class T, class Acc, bool SelfDy = false, class Dev>
 void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, const ChannelView& v,
                        std::vector<double>& work, double* out) {
   constexpr Index W = packet_size<Acc>;
@@ -381,7 +384,7 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
       for (Index i = i0; i < i1; ++i) {
         const Index row = i / segs, sg = i % segs, c = row % v.C;
         const Index n = std::min(kSeg, v.inner - sg * kSeg), off = row * v.inner + sg * kSeg;
-        segment_grad_sums<Acc>(x + off, dy + off, n, m[c], work.data() + 3 * i);
+        segment_grad_sums<Acc, SelfDy>(x + off, SelfDy ? nullptr : dy + off, n, m[c], work.data() + 3 * i);
       }
     });
     for (Index c = 0; c < v.C; ++c)
@@ -406,7 +409,7 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
       for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += kChunkRows) {
         const Index nr = std::min(kChunkRows, bl.end(b) - r0);
         for (Index t = 0; t < nc; t += kSumPackets * W)
-          tile_grad_sums<Acc>(x + r0 * cols + j0 + t, dy + r0 * cols + j0 + t, cols, nr,
+          tile_grad_sums<Acc, SelfDy>(x + r0 * cols + j0 + t, SelfDy ? nullptr : dy + r0 * cols + j0 + t, cols, nr,
                               std::min(kSumPackets * W, nc - t), mcol.data() + j0 + t, o + 3 * t);
       }
     }
@@ -419,9 +422,58 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
       }
 }
 
+// ---- channels in long double ------------------------------------------------------
+// The rare channels whose values or coefficients leave the accumulation type's range
+// (values near its maximum, a standard deviation beyond 1e19 in float) are normalized
+// one value at a time in long double; the vector passes write 0 there, and the values
+// are copied in after them (so that an output aliasing an input reads no value twice).
+
+/// A channel normalized in long double, with its statistics.
+struct WideChannel {
+  Index channel = 0;
+  long double mean = 0, invstd = 0;
+};
+
+/// f(k) for the memory index k of every value of channel c, in a fixed order.
+template <class F>
+void for_each_in_channel(const ChannelView& v, Index c, F&& f) {
+  for (Index o = 0; o < v.outer; ++o) {
+    const Index base = (o * v.C + c) * v.inner;
+    for (Index i = 0; i < v.inner; ++i) f(base + i);
+  }
+}
+
+/// The values of the listed channels, v.count() each in channel order, into out.
+template <class T>
+void scatter_channels(const T* values, const ChannelView& v, const std::vector<WideChannel>& channels, T* out) {
+  std::size_t j = 0;
+  for (const WideChannel& w : channels) for_each_in_channel(v, w.channel, [&](Index k) { out[k] = values[j++]; });
+}
+
+/// Mean and biased variance of channel c in long double, two-pass: for double channels
+/// whose moments overflowed although every value is finite (|x| near DBL_MAX).
+template <class T>
+void exact_channel_moments(const T* x, const ChannelView& v, Index c, long double& mean, long double& var) {
+  const long double n = static_cast<long double>(v.count());
+  long double s = 0, d = 0, d2 = 0;
+  for_each_in_channel(v, c, [&](Index k) { s += static_cast<long double>(static_cast<double>(x[k])); });
+  mean = s / n;
+  for_each_in_channel(v, c, [&](Index k) {
+    const long double e = static_cast<long double>(static_cast<double>(x[k])) - mean;
+    d += e;
+    d2 += e * e;
+  });
+  mean += d / n;
+  var = std::max(0.0L, d2 - d * d / n) / n;
+}
+
 // ---- the per-channel affine map ---------------------------------------------------
 
-/// Per-channel coefficients of out = (x - m) * a + b + k * dy (k only with dy).
+/// Per-channel coefficients of out = (x - m) * a + b, or with dy of
+/// out = ((x - m) * a + dy) * k + b. The second form is BatchNorm's training backward
+/// dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)) with k = weight * rstd and
+/// a = -rstd * mean(dy * xhat): no coefficient holds rstd^2, which leaves the float
+/// range (std > 1e19) long before the result does.
 template <class Acc>
 struct ChannelMap {
   const Acc* m;
@@ -448,9 +500,11 @@ void tile_map(const T* x, const T* dy, T* out, Index ld, Index nr, Index nc, con
     pk[k] = HasDy ? load_n<Acc>(ck + k * W, cnt(k)) : zero<Acc>();
   }
   auto value = [&](Index r, Index k, Index n) {
-    P v = pmadd(psub(load_n<Acc>(x + r * ld + k * W, n), pm[k]), pa[k], pb[k]);
-    if constexpr (HasDy) v = pmadd(load_n<Acc>(dy + r * ld + k * W, n), pk[k], v);
-    return v;
+    const P d = psub(load_n<Acc>(x + r * ld + k * W, n), pm[k]);
+    if constexpr (HasDy)
+      return pmadd(pmadd(d, pa[k], load_n<Acc>(dy + r * ld + k * W, n)), pk[k], pb[k]);
+    else
+      return pmadd(d, pa[k], pb[k]);
   };
   if (np == K && nc == K * W) {
     for (Index r = 0; r < nr; ++r)
@@ -467,7 +521,8 @@ void tile_map(const T* x, const T* dy, T* out, Index ld, Index nr, Index nc, con
   }
 }
 
-/// out = (x - m) * a + b [+ k * dy] over the whole tensor; out may alias x or dy.
+/// out = (x - m) * a + b, or ((x - m) * a + dy) * k + b, over the whole tensor; out may
+/// alias x or dy.
 /// (x - m) first, not x * a + (b - m * a): with a large offset, x * a would round away
 /// the spread that the normalization is for. Rows go last to first: the statistics
 /// pass that usually precedes read them first to last, so the last ones are the ones
@@ -492,8 +547,8 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
           const P pk = pset1<P>(p.k[c]);
           const T* gr = dy + off;
           for_each_packet<Acc>(yr, v.inner, stream, [&](Index j, Index n, bool st) {
-            const P t = pmadd(psub(load_n<Acc>(xr + j, n), pm), pa, pb);
-            store_n<Acc>(yr + j, pmadd(load_n<Acc>(gr + j, n), pk, t), n, st);
+            const P t = pmadd(psub(load_n<Acc>(xr + j, n), pm), pa, load_n<Acc>(gr + j, n));
+            store_n<Acc>(yr + j, pmadd(t, pk, pb), n, st);
           });
         } else {
           for_each_packet<Acc>(yr, v.inner, stream, [&](Index j, Index n, bool st) {
@@ -533,9 +588,10 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
           const T* gr = has_dy ? dy + r * cols : nullptr;
           T* yr = out + r * cols;
           for_each_packet<Acc>(yr, cols, stream, [&](Index j, Index n, bool st) {
-            P t = pmadd(psub(load_n<Acc>(xr + j, n), load_n<Acc>(cm + j, n)), load_n<Acc>(ca + j, n),
-                        load_n<Acc>(cb + j, n));
-            if (gr) t = pmadd(load_n<Acc>(gr + j, n), load_n<Acc>(ck + j, n), t);
+            const P d = psub(load_n<Acc>(xr + j, n), load_n<Acc>(cm + j, n));
+            const P t = gr ? pmadd(pmadd(d, load_n<Acc>(ca + j, n), load_n<Acc>(gr + j, n)), load_n<Acc>(ck + j, n),
+                                   load_n<Acc>(cb + j, n))
+                           : pmadd(d, load_n<Acc>(ca + j, n), load_n<Acc>(cb + j, n));
             store_n<Acc>(yr + j, t, n, st);
           });
         }
