@@ -78,9 +78,7 @@ class BatchNormOptions {
 /// mode, so it is not const; backward() is.
 template <class T>
 class BatchNorm {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> ||
-                    std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
-                "normkit layers take float, double, Eigen::half or Eigen::bfloat16");
+  static_assert(detail::is_layer_scalar_v<T>, "normkit layers take float, double, Eigen::half or Eigen::bfloat16");
 
  public:
   using Scalar = T;
@@ -210,18 +208,6 @@ class BatchNorm {
   const std::shared_ptr<StatsReducer>& reducer() const { return opt_.reducer(); }
 
  private:
-  template <class X, class Y>
-  static constexpr void check_same_type() {
-    static_assert(std::is_same_v<typename detail::traits_of<X>::scalar, T>,
-                  "normkit: tensor scalar type differs from the layer's");
-    static_assert(std::is_same_v<typename detail::traits_of<Y>::scalar, T>,
-                  "normkit: tensor scalar type differs from the layer's");
-    static_assert(detail::traits_of<X>::rank == detail::traits_of<Y>::rank,
-                  "normkit: input and output tensors differ in rank");
-    static_assert(detail::traits_of<X>::row_major == detail::traits_of<Y>::row_major,
-                  "normkit: input and output tensors differ in layout (RowMajor/ColMajor)");
-  }
-
   /// x's dims and its channel axis, after checking them.
   template <class X>
   std::pair<std::vector<Index>, std::size_t> check_x(const std::string& fn, const X& x) const {
@@ -251,7 +237,7 @@ class BatchNorm {
   template <class Dev, class X, class Y>
   void forward_impl(const Dev& dev, const X& x, Y& y, Cache* cache) {
     static_assert(detail::traits_of<Y>::writable, "normkit: the output y must be writable");
-    check_same_type<X, Y>();
+    detail::check_same_type<T, X, Y>();
     const std::string fn = "BatchNorm::forward";
     const auto [dims, axis] = check_x(fn, x);
     check_like(fn, "y", detail::dims_of(y), dims);
@@ -448,8 +434,8 @@ class BatchNorm {
   template <class Dev, class X, class DY, class DX>
   void backward_impl(const Dev& dev, const X& x, const DY& dy, const Cache& cache, DX& dx, Grads& grads) const {
     static_assert(detail::traits_of<DX>::writable, "normkit: the output dx must be writable");
-    check_same_type<X, DY>();
-    check_same_type<X, DX>();
+    detail::check_same_type<T, X, DY>();
+    detail::check_same_type<T, X, DX>();
     const std::string fn = "BatchNorm::backward";
     const auto [dims, axis] = check_x(fn, x);
     check_like(fn, "dy", detail::dims_of(dy), dims);

@@ -134,5 +134,21 @@ bool partial_overlap(const A* a, const B* b, Index n) {
   return pa < pb + bytes_b && pb < pa + bytes_a;
 }
 
+/// The scalar types every layer takes.
+template <class T>
+inline constexpr bool is_layer_scalar_v = std::is_same_v<T, float> || std::is_same_v<T, double> ||
+                                          std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>;
+
+/// Compile-time checks of a call's tensors against a layer of scalar T: the same scalar,
+/// rank and layout for the input X and the tensor Y that goes with it.
+template <class T, class X, class Y>
+constexpr void check_same_type() {
+  static_assert(std::is_same_v<typename traits_of<X>::scalar, T>, "normkit: tensor scalar type differs from the layer's");
+  static_assert(std::is_same_v<typename traits_of<Y>::scalar, T>, "normkit: tensor scalar type differs from the layer's");
+  static_assert(traits_of<X>::rank == traits_of<Y>::rank, "normkit: input and output tensors differ in rank");
+  static_assert(traits_of<X>::row_major == traits_of<Y>::row_major,
+                "normkit: input and output tensors differ in layout (RowMajor/ColMajor)");
+}
+
 }  // namespace detail
 }  // namespace normkit

@@ -59,9 +59,7 @@ inline void validate_eps(const char* layer, double eps) {
 
 template <class T, bool Center>
 class TrailingNorm {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> ||
-                    std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
-                "normkit layers take float, double, Eigen::half or Eigen::bfloat16");
+  static_assert(detail::is_layer_scalar_v<T>, "normkit layers take float, double, Eigen::half or Eigen::bfloat16");
 
  public:
   using Scalar = T;
@@ -136,7 +134,7 @@ class TrailingNorm {
   template <class Dev, class X, class Y>
   void forward_impl(const Dev& dev, const X& x, Y& y, Cache* cache) const {
     static_assert(traits_of<Y>::writable, "normkit: the output y must be writable");
-    check_same_type<X, Y>();
+    detail::check_same_type<T, X, Y>();
     const std::string fn = std::string(name_) + "::forward";
     const std::vector<Index> dims = check_x(fn, x);
     check_like(fn, "y", dims_of(y), dims);
@@ -206,8 +204,8 @@ class TrailingNorm {
   void backward_impl(const Dev& dev, const X& x, const DY& dy, const Cache& cache, DX& dx,
                      Grads& grads) const {
     static_assert(traits_of<DX>::writable, "normkit: the output dx must be writable");
-    check_same_type<X, DY>();
-    check_same_type<X, DX>();
+    detail::check_same_type<T, X, DY>();
+    detail::check_same_type<T, X, DX>();
     const std::string fn = std::string(name_) + "::backward";
     const std::vector<Index> dims = check_x(fn, x);
     check_like(fn, "dy", dims_of(dy), dims);
@@ -318,18 +316,6 @@ class TrailingNorm {
       return c.mean.size();
     else
       return c.rstd.size();
-  }
-
-  template <class X, class Y>
-  static constexpr void check_same_type() {
-    static_assert(std::is_same_v<typename traits_of<X>::scalar, T>,
-                  "normkit: tensor scalar type differs from the layer's");
-    static_assert(std::is_same_v<typename traits_of<Y>::scalar, T>,
-                  "normkit: tensor scalar type differs from the layer's");
-    static_assert(traits_of<X>::rank == traits_of<Y>::rank,
-                  "normkit: input and output tensors differ in rank");
-    static_assert(traits_of<X>::row_major == traits_of<Y>::row_major,
-                  "normkit: input and output tensors differ in layout (RowMajor/ColMajor)");
   }
 
   /// x's dims, after checking them against normalized_shape.
