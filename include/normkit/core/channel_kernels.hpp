@@ -142,10 +142,33 @@ Moments column_moments_wide(const T* x, Index ld, Index nr) {
   return Moments{double(nr), m + sd / double(nr), std::max(0.0, sd2 - sd * sd / double(nr))};
 }
 
-/// Moments of nc <= kMomentPackets * W columns over nr rows of a row-major matrix with
-/// leading dimension ld: cmean[c], cm2[c]. The tile (nr x nc) stays in L1 for pass 2.
+/// The means of nc <= kColGroup columns over nr rows of a row-major matrix with leading
+/// dimension ld, shifted by the first row: mean[c] = x[0][c] + sum(x[r][c] - x[0][c]) / nr.
+/// Row after row, so that memory is read in order (the first touch of the chunk);
+/// per-column partial sums live in L1.
 template <class Acc, class T>
-void tile_moments(const T* x, Index ld, Index nr, Index nc, double* cmean, double* cm2) {
+void chunk_means(const T* x, Index ld, Index nr, Index nc, Acc* mean) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  alignas(64) Acc s[kColGroup] = {}, a[kColGroup] = {};
+  for (Index j = 0; j < nc; ++j) s[j] = static_cast<Acc>(x[j]);
+  for (Index r = 1; r < nr; ++r) {
+    const T* xr = x + r * ld;
+    for (Index j = 0; j < nc; j += W) {
+      const Index cnt = std::min(W, nc - j);
+      Eigen::internal::pstore(a + j, padd(Eigen::internal::pload<P>(a + j),
+                                          psub(load_n<Acc>(xr + j, cnt), Eigen::internal::pload<P>(s + j))));
+    }
+  }
+  const Acc inv = Acc(1) / static_cast<Acc>(nr);
+  for (Index j = 0; j < nc; ++j) mean[j] = s[j] + a[j] * inv;
+}
+
+/// Moments of nc <= kMomentPackets * W columns over nr rows around their chunk means
+/// (chunk_means): cmean[c], cm2[c], the corrected two-pass sums. The chunk is in cache.
+template <class Acc, class T>
+void tile_moments(const T* x, Index ld, Index nr, Index nc, const Acc* mean, double* cmean, double* cm2) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>, K = kMomentPackets;
@@ -153,24 +176,13 @@ void tile_moments(const T* x, Index ld, Index nr, Index nc, double* cmean, doubl
   auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
   P s[K], a[K], q[K];
   for (Index k = 0; k < np; ++k) {
-    s[k] = load_n<Acc>(x + k * W, cnt(k));
+    s[k] = load_n<Acc>(mean + k * W, cnt(k));
     a[k] = zero<Acc>();
     q[k] = zero<Acc>();
   }
-  if (np == K && nc == K * W) {  // the common case: full tiles, unrolled by the compiler
-    for (Index r = 1; r < nr; ++r)
-      for (Index k = 0; k < K; ++k) a[k] = padd(a[k], psub(load<Acc>(x + r * ld + k * W), s[k]));
-  } else {
-    for (Index r = 1; r < nr; ++r)
-      for (Index k = 0; k < np; ++k) a[k] = padd(a[k], psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), s[k]));
-  }
-  const P inv = pset1<P>(Acc(1) / static_cast<Acc>(nr));
-  for (Index k = 0; k < np; ++k) {
-    s[k] = pmadd(a[k], inv, s[k]);  // the tile mean
-    a[k] = zero<Acc>();
-  }
-  if (np == K && nc == K * W) {
+  if (np == K && nc == K * W) {  // the common case: accumulators in registers (unrolled at -O2 too)
     for (Index r = 0; r < nr; ++r)
+#pragma GCC unroll 4
       for (Index k = 0; k < K; ++k) {
         const P d = psub(load<Acc>(x + r * ld + k * W), s[k]);
         a[k] = padd(a[k], d);
@@ -238,14 +250,16 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
     // Chunk moments merged into the block's, structure of arrays so that the merge (the
     // same weights for every column) vectorizes.
     double bmean[kColGroup], bm2[kColGroup], cmean[kColGroup], cm2[kColGroup];
+    alignas(64) Acc shift[kColGroup];
     for (Index i = i0; i < i1; ++i) {
       const Index b = i / groups, j0 = (i % groups) * kColGroup, nc = std::min(kColGroup, cols - j0);
       double n = 0;
       for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += crows) {
         const Index nr = std::min(crows, bl.end(b) - r0);
+        const T* xc = x + r0 * cols + j0;
+        chunk_means<Acc>(xc, cols, nr, nc, shift);
         for (Index t = 0; t < nc; t += kMomentPackets * W)
-          tile_moments<Acc>(x + r0 * cols + j0 + t, cols, nr, std::min(kMomentPackets * W, nc - t), cmean + t,
-                            cm2 + t);
+          tile_moments<Acc>(xc + t, cols, nr, std::min(kMomentPackets * W, nc - t), shift + t, cmean + t, cm2 + t);
         if (n == 0) {
           std::copy(cmean, cmean + nc, bmean);
           std::copy(cm2, cm2 + nc, bm2);
@@ -310,44 +324,26 @@ void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, double* abc) {
   abc[2] = C;
 }
 
-/// The same over nc <= kSumPackets * W columns of nr rows (leading dimension ld),
-/// added into abc[3 * c + {0, 1, 2}]; m is per column.
+/// The same over nc <= kColGroup columns of nr rows (leading dimension ld), added into
+/// abc[3 * c + {0, 1, 2}]; m is per column. Row after row, so that memory is read in
+/// order; the per-column partial sums live in L1.
 template <class Acc, bool SelfDy, class T>
-void tile_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const Acc* m, double* abc) {
+void chunk_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const Acc* m, double* abc) {
   using namespace simd;
   using P = packet_t<Acc>;
-  constexpr Index W = packet_size<Acc>, K = kSumPackets;
-  const Index np = (nc + W - 1) / W;
-  auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
-  P pm[K], a[K], b[K], c[K];
-  for (Index k = 0; k < np; ++k) {
-    pm[k] = load_n<Acc>(m + k * W, cnt(k));
-    a[k] = b[k] = c[k] = zero<Acc>();
-  }
-  if (np == K && nc == K * W) {  // the common case: full tiles, unrolled by the compiler
-    for (Index r = 0; r < nr; ++r)
-      for (Index k = 0; k < K; ++k) {
-        const P d = psub(load<Acc>(x + r * ld + k * W), pm[k]);
-        const P g = SelfDy ? d : load<Acc>(dy + r * ld + k * W);
-        a[k] = padd(a[k], d);
-        b[k] = padd(b[k], g);
-        c[k] = pmadd(g, d, c[k]);
-      }
-  } else {
-    for (Index r = 0; r < nr; ++r)
-      for (Index k = 0; k < np; ++k) {
-        const P d = psub(load_n<Acc>(x + r * ld + k * W, cnt(k)), pm[k]);
-        const P g = SelfDy ? d : load_n<Acc>(dy + r * ld + k * W, cnt(k));
-        a[k] = padd(a[k], d);
-        b[k] = padd(b[k], g);
-        c[k] = pmadd(g, d, c[k]);
-      }
-  }
-  alignas(64) Acc as[K * W], bs[K * W], cs[K * W];
-  for (Index k = 0; k < np; ++k) {
-    Eigen::internal::pstore(as + k * W, a[k]);
-    Eigen::internal::pstore(bs + k * W, b[k]);
-    Eigen::internal::pstore(cs + k * W, c[k]);
+  constexpr Index W = packet_size<Acc>;
+  alignas(64) Acc as[kColGroup] = {}, bs[kColGroup] = {}, cs[kColGroup] = {};
+  for (Index r = 0; r < nr; ++r) {
+    const T* xr = x + r * ld;
+    const T* gr = SelfDy ? nullptr : dy + r * ld;
+    for (Index j = 0; j < nc; j += W) {
+      const Index cnt = std::min(W, nc - j);
+      const P d = psub(load_n<Acc>(xr + j, cnt), load_n<Acc>(m + j, cnt));
+      const P g = SelfDy ? d : load_n<Acc>(gr + j, cnt);
+      Eigen::internal::pstore(as + j, padd(Eigen::internal::pload<P>(as + j), d));
+      Eigen::internal::pstore(bs + j, padd(Eigen::internal::pload<P>(bs + j), g));
+      Eigen::internal::pstore(cs + j, pmadd(g, d, Eigen::internal::pload<P>(cs + j)));
+    }
   }
   for (Index j = 0; j < nc; ++j) {
     double* o = abc + 3 * j;
@@ -408,9 +404,8 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
       std::fill(o, o + 3 * nc, 0.0);
       for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += kChunkRows) {
         const Index nr = std::min(kChunkRows, bl.end(b) - r0);
-        for (Index t = 0; t < nc; t += kSumPackets * W)
-          tile_grad_sums<Acc, SelfDy>(x + r0 * cols + j0 + t, SelfDy ? nullptr : dy + r0 * cols + j0 + t, cols, nr,
-                              std::min(kSumPackets * W, nc - t), mcol.data() + j0 + t, o + 3 * t);
+        chunk_grad_sums<Acc, SelfDy>(x + r0 * cols + j0, SelfDy ? nullptr : dy + r0 * cols + j0, cols, nr, nc,
+                                     mcol.data() + j0, o);
       }
     }
   });
@@ -482,45 +477,6 @@ struct ChannelMap {
   const Acc* k;  // null: no dy term
 };
 
-/// A tile of nc <= K * W columns over nr rows (leading dimension ld) of the column path,
-/// its coefficients held in registers for all the rows.
-template <int K, bool HasDy, class Acc, class T>
-void tile_map(const T* x, const T* dy, T* out, Index ld, Index nr, Index nc, const Acc* cm, const Acc* ca,
-              const Acc* cb, const Acc* ck, bool stream) {
-  using namespace simd;
-  using P = packet_t<Acc>;
-  constexpr Index W = packet_size<Acc>;
-  const Index np = (nc + W - 1) / W;
-  auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
-  P pm[K], pa[K], pb[K], pk[K];
-  for (Index k = 0; k < np; ++k) {
-    pm[k] = load_n<Acc>(cm + k * W, cnt(k));
-    pa[k] = load_n<Acc>(ca + k * W, cnt(k));
-    pb[k] = load_n<Acc>(cb + k * W, cnt(k));
-    pk[k] = HasDy ? load_n<Acc>(ck + k * W, cnt(k)) : zero<Acc>();
-  }
-  auto value = [&](Index r, Index k, Index n) {
-    const P d = psub(load_n<Acc>(x + r * ld + k * W, n), pm[k]);
-    if constexpr (HasDy)
-      return pmadd(pmadd(d, pa[k], load_n<Acc>(dy + r * ld + k * W, n)), pk[k], pb[k]);
-    else
-      return pmadd(d, pa[k], pb[k]);
-  };
-  if (np == K && nc == K * W) {
-    for (Index r = 0; r < nr; ++r)
-      for (Index k = 0; k < K; ++k) {
-        T* o = out + r * ld + k * W;
-        store_n<Acc>(o, value(r, k, W), W, stream && misalignment<Acc>(o) == 0);
-      }
-  } else {
-    for (Index r = 0; r < nr; ++r)
-      for (Index k = 0; k < np; ++k) {
-        T* o = out + r * ld + k * W;
-        store_n<Acc>(o, value(r, k, cnt(k)), cnt(k), stream && cnt(k) == W && misalignment<Acc>(o) == 0);
-      }
-  }
-}
-
 /// out = (x - m) * a + b, or ((x - m) * a + dy) * k + b, over the whole tensor; out may
 /// alias x or dy.
 /// (x - m) first, not x * a + (b - m * a): with a large offset, x * a would round away
@@ -560,49 +516,49 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
     });
     return;
   }
-  // Column path: the coefficients repeated per column of the [outer, C * inner] matrix,
-  // applied by tiles of columns over chunks of rows.
-  const Index cols = v.cols();
-  std::vector<Acc> coef(static_cast<std::size_t>(4 * cols));
+  // Column path: a chunk of rows of the [outer, C * inner] matrix is one contiguous run,
+  // processed as such (streaming stores aligned once per chunk, never a partial store
+  // into a streamed line). The coefficients are repeated per column, over at least
+  // cols + W entries, so that a packet starting at any column reads them contiguously.
+  constexpr Index W = packet_size<Acc>;
+  const Index cols = v.cols(), reps = (cols + W + cols - 1) / cols, len = reps * cols;
+  std::vector<Acc> coef(static_cast<std::size_t>(4 * len));
   Acc* cm = coef.data();
-  Acc* ca = cm + cols;
-  Acc* cb = ca + cols;
-  Acc* ck = cb + cols;
-  for (Index j = 0; j < cols; ++j) {
-    const Index c = j / v.inner;
+  Acc* ca = cm + len;
+  Acc* cb = ca + len;
+  Acc* ck = cb + len;
+  for (Index j = 0; j < len; ++j) {
+    const Index c = (j % cols) / v.inner;
     cm[j] = p.m[c];
     ca[j] = p.a[c];
     cb[j] = p.b[c];
     ck[j] = has_dy ? p.k[c] : Acc(0);
   }
-  constexpr Index W = packet_size<Acc>;
-  const bool narrow = static_cast<std::size_t>(cols) * sizeof(T) <= 1024;
   const Index chunks = (v.outer + kChunkRows - 1) / kChunkRows;
   parallel_for(dev, chunks, bytes * cols * kChunkRows, 3.0 * cols * kChunkRows, [&](Index c0, Index c1) {
     for (Index i = c0; i < c1; ++i) {
-      const Index r0 = (chunks - 1 - i) * kChunkRows, nr = std::min(kChunkRows, v.outer - r0);
-      const Index off = r0 * cols;
-      if (!narrow) {  // wide rows: contiguous, the coefficients from L1
-        for (Index r = r0 + nr - 1; r >= r0; --r) {
-          const T* xr = x + r * cols;
-          const T* gr = has_dy ? dy + r * cols : nullptr;
-          T* yr = out + r * cols;
-          for_each_packet<Acc>(yr, cols, stream, [&](Index j, Index n, bool st) {
-            const P d = psub(load_n<Acc>(xr + j, n), load_n<Acc>(cm + j, n));
-            const P t = gr ? pmadd(pmadd(d, load_n<Acc>(ca + j, n), load_n<Acc>(gr + j, n)), load_n<Acc>(ck + j, n),
-                                   load_n<Acc>(cb + j, n))
-                           : pmadd(d, load_n<Acc>(ca + j, n), load_n<Acc>(cb + j, n));
-            store_n<Acc>(yr + j, t, n, st);
-          });
-        }
-      } else if (has_dy) {
-        for (Index t = 0; t < cols; t += 3 * W)
-          tile_map<3, true>(x + off + t, dy + off + t, out + off + t, cols, nr, std::min(3 * W, cols - t), cm + t,
-                            ca + t, cb + t, ck + t, stream);
+      const Index r0 = (chunks - 1 - i) * kChunkRows, off = r0 * cols;
+      const Index n = std::min(kChunkRows, v.outer - r0) * cols;
+      const T* xc = x + off;
+      T* yc = out + off;
+      Index j = 0;  // the column of element e
+      auto next = [&](Index cnt) {
+        for (j += cnt; j >= cols;) j -= cols;
+      };
+      if (has_dy) {
+        const T* gc = dy + off;
+        for_each_packet<Acc>(yc, n, stream, [&](Index e, Index cnt, bool st) {
+          const P d = psub(load_n<Acc>(xc + e, cnt), load_n<Acc>(cm + j, cnt));
+          const P t = pmadd(d, load_n<Acc>(ca + j, cnt), load_n<Acc>(gc + e, cnt));
+          store_n<Acc>(yc + e, pmadd(t, load_n<Acc>(ck + j, cnt), load_n<Acc>(cb + j, cnt)), cnt, st);
+          next(cnt);
+        });
       } else {
-        for (Index t = 0; t < cols; t += 4 * W)
-          tile_map<4, false>(x + off + t, dy, out + off + t, cols, nr, std::min(4 * W, cols - t), cm + t, ca + t,
-                             cb + t, ck + t, stream);
+        for_each_packet<Acc>(yc, n, stream, [&](Index e, Index cnt, bool st) {
+          const P d = psub(load_n<Acc>(xc + e, cnt), load_n<Acc>(cm + j, cnt));
+          store_n<Acc>(yc + e, pmadd(d, load_n<Acc>(ca + j, cnt), load_n<Acc>(cb + j, cnt)), cnt, st);
+          next(cnt);
+        });
       }
     }
     if (stream) stream_fence();
