@@ -4,6 +4,7 @@
 #include <normkit/normkit.hpp>
 
 #include <cfloat>
+#include <cstring>
 #include <limits>
 
 #include "test_support.hpp"
@@ -458,6 +459,67 @@ TEST(DyTTest, LargeInputsKeepNoTanhInTheCache) {
       const LD u = std::tanh(0.5L * x(r, c));
       EXPECT_NEAR(dx(r, c), static_cast<double>(dy(r, c) * 0.5L * (1 - u * u)), 1e-6);
     }
+}
+
+// Outputs of 16 MiB and more are written with streaming stores (rows misaligned here:
+// 1029 columns), and no tanh is cached: every element must still get exactly the bits
+// of the cached, cache-resident path, which a few of its rows run alone give.
+TEST(DyTTest, StreamedOutputsMatchTheInCachePathBitwise) {
+  using Tensor2 = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+  const Index cols = 1029;
+  const Index rows = Index(normkit::detail::simd::kStreamBytes / sizeof(float) / cols) + 2;
+  const Params p = random_params<float>(cols, 41);
+  const auto layer = make_layer<float>({{rows, cols}, -1}, p);
+  Tensor2 x(rows, cols), y(rows, cols), dy(rows, cols), dx(rows, cols);
+  x.setRandom();
+  dy.setRandom();
+  x = x * 6.0f - 3.0f;  // both halves of the tanh
+  typename normkit::DyT<float>::Cache cache;
+  typename normkit::DyT<float>::Grads grads;
+  layer.forward(x, y, cache);
+  ASSERT_EQ(cache.tanh.size(), 0);
+  layer.backward(x, dy, cache, dx, grads);
+  for (Index r0 : {Index(0), rows / 2 + 1, rows - 3}) {
+    const Eigen::array<Index, 2> off{r0, 0}, ext{3, cols};
+    Tensor2 xs = x.slice(off, ext), dys = dy.slice(off, ext), ys(3, cols), dxs(3, cols);
+    typename normkit::DyT<float>::Cache c;
+    typename normkit::DyT<float>::Grads g;
+    layer.forward(xs, ys, c);
+    ASSERT_EQ(c.tanh.size(), 3 * cols);
+    layer.backward(xs, dys, c, dxs, g);
+    Tensor2 yb = y.slice(off, ext), dxb = dx.slice(off, ext);
+    EXPECT_TRUE(nktest::bitwise_equal(nktest::logical(ys), nktest::logical(yb))) << "y, row " << r0;
+    EXPECT_TRUE(nktest::bitwise_equal(nktest::logical(dxs), nktest::logical(dxb))) << "dx, row " << r0;
+  }
+}
+
+// Without a weight or a bias the output is the tanh itself, bit for bit (signed zeros
+// included); with a weight only, one rounding of tanh * weight.
+TEST(DyTTest, MissingParametersChangeNoBits) {
+  for (bool affine : {false, true}) {
+    for (const Geometry& g : {Geometry{{5, 19}, -1}, Geometry{{2, 3, 70}, 1}}) {
+      const Index n = nktest::numel(g.dims);
+      Params p = random_params<float>(g.channels(), 43, affine, false);
+      p.alpha = 0.75;
+      const auto layer = make_layer<float>(g, p);
+      std::vector<double> xs = nktest::random_vector(n, 44, -3, 3);
+      xs[0] = -0.0;
+      xs[1] = 0.0;
+      nktest::with_rank(g.dims.size(), [&](auto rank) {
+        constexpr int R = decltype(rank)::value;
+        auto x = nktest::make_tensor<float, R, Eigen::RowMajor>(g.dims, xs);
+        decltype(x) y(x.dimensions());
+        layer.forward(x, y);
+        const std::vector<float> xv = nktest::logical(x), yv = nktest::logical(y);
+        for (std::size_t i = 0; i < xv.size(); ++i) {
+          const float u = normkit::detail::tanh_accurate(0.75f * xv[i]);
+          const float want = affine ? u * static_cast<float>(p.w[g.channel(i)]) : u;
+          ASSERT_EQ(std::memcmp(&yv[i], &want, sizeof(float)), 0)
+              << "x = " << xv[i] << ", y = " << yv[i] << ", expected " << want << ", " << g.str();
+        }
+      });
+    }
+  }
 }
 
 TEST(DyTTest, BackwardUsesTheAlphaOfItsForward) {

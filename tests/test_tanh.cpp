@@ -26,6 +26,7 @@ namespace {
 using Eigen::internal::ploadu;
 using Eigen::internal::pstoreu;
 using normkit::detail::ptanh_accurate;
+using normkit::detail::ptanh_accurate2;
 using normkit::detail::ptanh_grad_from_tanh;
 using normkit::detail::tanh_accurate;
 using normkit::detail::tanh_grad_from_tanh;
@@ -226,6 +227,37 @@ TYPED_TEST(TanhTest, RowTailsMatchFullPackets) {
     for (int i = 0; i < n; ++i) {
       EXPECT_TRUE(same_bits(row[i], full[i]) || (std::isnan(row[i]) && std::isnan(full[i])))
           << "row length " << n << ", element " << i << ", x = " << x[i];
+    }
+  }
+}
+
+// The two-packet form shares one branch: a pair with one large lane anywhere computes
+// the exp half for all 2L lanes, which must change no lane's value.
+TYPED_TEST(TanhTest, PairsMatchSinglePacketsBitwise) {
+  using T = TypeParam;
+  const int L = kLanes<T>;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  std::vector<T> pool = {T(0), -T(0), T(1e-30), T(0.1), T(-0.3), T(0.55), T(0.6249), T(0.625),
+                         T(-0.7), T(1), T(3), T(-9.5), T(40), nan};
+  std::mt19937 gen(31);
+  std::uniform_int_distribution<std::size_t> pick(0, pool.size() - 1);
+  std::uniform_real_distribution<double> small(-0.6, 0.6);
+  for (int trial = 0; trial < 2000; ++trial) {
+    std::vector<T> x(2 * L);
+    // Mostly all-small pairs (the early exit), with a large value in a random lane or none.
+    for (auto& v : x) v = static_cast<T>(small(gen));
+    if (trial % 3 != 0) x[std::size_t(trial) % x.size()] = pool[pick(gen)];
+    Packet<T> t0, t1;
+    ptanh_accurate2(ploadu<Packet<T>>(x.data()), ploadu<Packet<T>>(x.data() + L), t0, t1);
+    std::vector<T> y(2 * L);
+    pstoreu(y.data(), t0);
+    pstoreu(y.data() + L, t1);
+    for (int i = 0; i < 2 * L; ++i) {
+      const T want = tanh_accurate(x[std::size_t(i)]);
+      if (std::isnan(want))
+        EXPECT_TRUE(std::isnan(y[std::size_t(i)])) << "lane " << i;
+      else
+        EXPECT_TRUE(same_bits(y[std::size_t(i)], want)) << "x = " << x[std::size_t(i)] << ", lane " << i;
     }
   }
 }

@@ -16,8 +16,8 @@
 //   to one per position): every outer slice is a contiguous row of L = C * inner
 //   values with position-dependent parameters. Work items are (row block, column
 //   tile); backward keeps three partials per position and row block, updated once
-//   per group of kRowGroup rows so that the partial traffic stays small next to the
-//   data, and combined in block order.
+//   per row (they stay in L1/L2 next to the streaming data), and combined in block
+//   order.
 // - runs (inner >= kRunMin: channels-first, ColMajor channels-last): every (o, c) is
 //   a contiguous run with constant parameters, cut into segments of kRunSeg; backward
 //   reduces each segment to three scalars, combined per channel in segment order.
@@ -42,7 +42,6 @@ inline constexpr Index kRunMin = 64;          // shorter inner runs use the row 
 inline constexpr Index kRunSeg = 8192;        // run segment: one work item
 inline constexpr Index kExpandMax = 1 << 16;  // longest expanded row (C * inner)
 inline constexpr Index kRowTile = 16384;      // row shape: columns per work item (whole rows: page-long runs for the prefetcher)
-inline constexpr Index kRowGroup = 1;         // rows per update of the partials (more rows = more concurrent streams; 1 measured fastest)
 
 /// u = tanh(p x) and du/d(p x) = 1 - u^2 (DyT).
 template <class Acc>
@@ -51,16 +50,21 @@ struct TanhMap {
   P p;
   explicit TanhMap(Acc alpha) : p(simd::pset1<P>(alpha)) {}
   EIGEN_STRONG_INLINE P value(const P& x) const { return ptanh_accurate(simd::pmul(p, x)); }
+  /// Two packets, each lane bitwise equal to value().
+  EIGEN_STRONG_INLINE void value2(const P& x0, const P& x1, P& u0, P& u1) const {
+    ptanh_accurate2(simd::pmul(p, x0), simd::pmul(p, x1), u0, u1);
+  }
   EIGEN_STRONG_INLINE P slope(const P& u) const { return ptanh_grad_from_tanh(u); }
 };
 
 /// The per-position parameters of the row shape, in Acc: for inner == 1 the channel
-/// vector converted, else each channel's value repeated `inner` times. Null in, null out.
+/// vector converted, else each channel's value repeated `inner` times; `fill` everywhere
+/// when p is null, so that the hot loop has one form (u * 1 + (-0) is u, bit for bit,
+/// signed zeros included).
 template <class Acc, class T>
-std::vector<Acc> expand_param(const T* p, Index C, Index inner) {
-  std::vector<Acc> out;
+std::vector<Acc> expand_param(const T* p, Index C, Index inner, Acc fill) {
+  std::vector<Acc> out(static_cast<std::size_t>(C * inner), fill);
   if (!p) return out;
-  out.resize(static_cast<std::size_t>(C * inner));
   for (Index c = 0; c < C; ++c)
     std::fill(out.begin() + c * inner, out.begin() + (c + 1) * inner, static_cast<Acc>(p[c]));
   return out;
@@ -71,19 +75,64 @@ inline bool use_rows(const Block3& v) {
 }
 
 template <class Acc>
-EIGEN_STRONG_INLINE packet_t<Acc> apply_affine(const packet_t<Acc>& u, const Acc* scale,
-                                               const Acc* shift, Index i, Index n) {
-  using namespace simd;
-  if (scale && shift) return pmadd(u, load_n<Acc>(scale + i, n), load_n<Acc>(shift + i, n));
-  if (scale) return pmul(u, load_n<Acc>(scale + i, n));
-  if (shift) return padd(u, load_n<Acc>(shift + i, n));
-  return u;
-}
-
-template <class Acc>
 EIGEN_STRONG_INLINE packet_t<Acc> apply_affine(const packet_t<Acc>& u, const packet_t<Acc>& s,
                                                const packet_t<Acc>& b) {
   return simd::pmadd(u, s, b);
+}
+
+/// y = f(p x) * s + b over one contiguous stretch of n elements, with s, b per position,
+/// and u = f(p x) into `u` when WithU. Two packets per iteration: the tanh is a chain of
+/// ~10 dependent FMAs, and two independent chains (plus the next iteration's, through
+/// out-of-order execution) keep both FMA pipes busy; one branch per pair decides
+/// whether the tanh needs its exp half. Stream: y is aligned and written with
+/// non-temporal stores. The tail goes through the same arithmetic as partial packets.
+template <class Acc, bool WithU, bool Stream, class T, class Map>
+EIGEN_STRONG_INLINE void forward_stretch(const T* x, T* y, Acc* u, const Acc* s, const Acc* b,
+                                         Index n, const Map& f) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  Index i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    P u0, u1;
+    f.value2(load<Acc>(x + i), load<Acc>(x + i + W), u0, u1);
+    if constexpr (WithU) {
+      store<Acc>(u + i, u0);
+      store<Acc>(u + i + W, u1);
+    }
+    const P y0 = pmadd(u0, load<Acc>(s + i), load<Acc>(b + i));
+    const P y1 = pmadd(u1, load<Acc>(s + i + W), load<Acc>(b + i + W));
+    if constexpr (Stream) {
+      store_stream<Acc>(y + i, y0);
+      store_stream<Acc>(y + i + W, y1);
+    } else {
+      store<Acc>(y + i, y0);
+      store<Acc>(y + i + W, y1);
+    }
+  }
+  for (; i < n; i += W) {
+    const Index cnt = std::min(W, n - i);
+    const P u0 = f.value(load_n<Acc>(x + i, cnt));
+    if constexpr (WithU) store_n<Acc>(u + i, u0, cnt, false);
+    store_n<Acc>(y + i, pmadd(u0, load_n<Acc>(s + i, cnt), load_n<Acc>(b + i, cnt)), cnt,
+                 Stream);
+  }
+}
+
+/// forward_stretch with the streaming choice made per stretch: a misaligned head (at
+/// most one packet) is written normally, the rest streamed.
+template <class Acc, bool WithU, class T, class Map>
+EIGEN_STRONG_INLINE void forward_row(const T* x, T* y, Acc* u, const Acc* s, const Acc* b, Index n,
+                                     const Map& f, bool stream) {
+  Index head = stream ? simd::misalignment<Acc>(y) : -1;
+  if (head < 0) {
+    forward_stretch<Acc, WithU, false>(x, y, u, s, b, n, f);
+    return;
+  }
+  head = std::min(head, n);
+  forward_stretch<Acc, WithU, false>(x, y, u, s, b, head, f);
+  forward_stretch<Acc, WithU, true>(x + head, y + head, WithU ? u + head : u, s + head, b + head,
+                                    n - head, f);
 }
 
 /// y = f(p x) * scale + shift, and u = f(p x) into `u_out` (x's memory order) if not
@@ -98,20 +147,19 @@ void channel_map_forward(const Dev& dev, const Block3& v, const T* x, T* y, Acc*
   constexpr double kCycles = 6.0;  // per element: ~29 packet ops of tanh over 8 lanes, + affine
   if (use_rows(v)) {
     const Index L = v.mid * v.inner, tiles = (L + kRowTile - 1) / kRowTile;
-    const std::vector<Acc> s = expand_param<Acc>(scale, v.mid, v.inner),
-                           b = expand_param<Acc>(shift, v.mid, v.inner);
-    const Acc* sp = s.empty() ? nullptr : s.data();
-    const Acc* bp = b.empty() ? nullptr : b.data();
+    const std::vector<Acc> s = expand_param<Acc>(scale, v.mid, v.inner, Acc(1)),
+                           b = expand_param<Acc>(shift, v.mid, v.inner, -Acc(0));
     parallel_for(dev, v.outer * tiles, bytes_per * std::min(L, kRowTile),
                  kCycles * std::min(L, kRowTile), [&](Index i0, Index i1) {
                    for (Index it = i0; it < i1; ++it) {
                      const Index o = it / tiles, c0 = (it % tiles) * kRowTile;
                      const Index n = std::min(kRowTile, L - c0), off = o * L + c0;
-                     for_each_packet<Acc>(y + off, n, stream, [&](Index i, Index cnt, bool st) {
-                       const P u = f.value(load_n<Acc>(x + off + i, cnt));
-                       if (u_out) store_n<Acc>(u_out + off + i, u, cnt, false);
-                       store_n<Acc>(y + off + i, apply_affine(u, sp, bp, c0 + i, cnt), cnt, st);
-                     });
+                     if (u_out)
+                       forward_row<Acc, true>(x + off, y + off, u_out + off, s.data() + c0,
+                                              b.data() + c0, n, f, stream);
+                     else
+                       forward_row<Acc, false>(x + off, y + off, u_out, s.data() + c0,
+                                               b.data() + c0, n, f, stream);
                    }
                    if (stream) stream_fence();
                  });
@@ -124,7 +172,7 @@ void channel_map_forward(const Dev& dev, const Block3& v, const T* x, T* y, Acc*
                    const Index run = it / segs, c = run % v.mid, s0 = (it % segs) * kRunSeg;
                    const Index n = std::min(kRunSeg, v.inner - s0), off = run * v.inner + s0;
                    const P ps = pset1<P>(scale ? static_cast<Acc>(scale[c]) : Acc(1));
-                   const P pb = pset1<P>(shift ? static_cast<Acc>(shift[c]) : Acc(0));
+                   const P pb = pset1<P>(shift ? static_cast<Acc>(shift[c]) : -Acc(0));
                    for_each_packet<Acc>(y + off, n, stream, [&](Index i, Index cnt, bool st) {
                      const P u = f.value(load_n<Acc>(x + off + i, cnt));
                      if (u_out) store_n<Acc>(u_out + off + i, u, cnt, false);
@@ -140,6 +188,81 @@ template <class Acc>
 struct ChannelGrads {
   std::vector<Acc> dscale, dshift, dpc;
 };
+
+/// The backward of one packet: dx, and the three sums accumulated into ds, dh, dq.
+template <class Acc, bool Stream, class T>
+EIGEN_STRONG_INLINE void backward_packet(const packet_t<Acc>& xv, const packet_t<Acc>& d,
+                                         const packet_t<Acc>& u, const packet_t<Acc>& slope,
+                                         const packet_t<Acc>& kv, T* dxp, Index cnt,
+                                         packet_t<Acc>& ds, packet_t<Acc>& dh,
+                                         packet_t<Acc>& dq) {
+  using namespace simd;
+  const packet_t<Acc> gs = pmul(d, slope);
+  store_n<Acc>(dxp, pmul(gs, kv), cnt, Stream);
+  ds = pmadd(d, u, ds);
+  dh = padd(dh, d);
+  dq = pmadd(gs, xv, dq);
+}
+
+/// Backward over one stretch of n elements of a row: dx, and the per-position partials
+/// ps, ph, pq (dscale, dshift, dpc) updated, or set when `first`. Two packets (a cache
+/// line of float) per iteration: independent chains for the FMA pipes, and each
+/// non-temporal line of dx completed at once. One row per update of the partials: two
+/// or four rows at a time (fewer partial loads and stores) measured 1.5-3x slower at
+/// 8192x4096, streaming stores to several rows at once being what DRAM does worst.
+/// Cached: u from `u`, else recomputed. Stream: full packets of dx are aligned and
+/// written with non-temporal stores.
+template <class Acc, bool Cached, bool Stream, class T, class Map>
+EIGEN_STRONG_INLINE void backward_stretch(const T* x, const T* dy, T* dx, const Acc* u, Index n, const Acc* kp, Acc* ps, Acc* ph, Acc* pq,
+                                          bool first, const Map& f) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  Index i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    P ds0 = zero<Acc>(), dh0 = zero<Acc>(), dq0 = zero<Acc>();
+    P ds1 = zero<Acc>(), dh1 = zero<Acc>(), dq1 = zero<Acc>();
+    if (!first) {
+      ds0 = load<Acc>(ps + i), dh0 = load<Acc>(ph + i), dq0 = load<Acc>(pq + i);
+      ds1 = load<Acc>(ps + i + W), dh1 = load<Acc>(ph + i + W), dq1 = load<Acc>(pq + i + W);
+    }
+    const P k0 = load<Acc>(kp + i), k1 = load<Acc>(kp + i + W);
+    const P x0 = load<Acc>(x + i), x1 = load<Acc>(x + i + W);
+    const P d0 = load<Acc>(dy + i), d1 = load<Acc>(dy + i + W);
+    P u0, u1;
+    if constexpr (Cached) {
+      u0 = load<Acc>(u + i);
+      u1 = load<Acc>(u + i + W);
+    } else {
+      f.value2(x0, x1, u0, u1);
+    }
+    backward_packet<Acc, Stream>(x0, d0, u0, f.slope(u0), k0, dx + i, W, ds0, dh0, dq0);
+    backward_packet<Acc, Stream>(x1, d1, u1, f.slope(u1), k1, dx + i + W, W, ds1, dh1, dq1);
+    store<Acc>(ps + i, ds0), store<Acc>(ph + i, dh0), store<Acc>(pq + i, dq0);
+    store<Acc>(ps + i + W, ds1), store<Acc>(ph + i + W, dh1), store<Acc>(pq + i + W, dq1);
+  }
+  for (; i < n; i += W) {
+    const Index cnt = std::min(W, n - i);
+    P ds = zero<Acc>(), dh = zero<Acc>(), dq = zero<Acc>();
+    if (!first) {
+      ds = load_n<Acc>(ps + i, cnt), dh = load_n<Acc>(ph + i, cnt), dq = load_n<Acc>(pq + i, cnt);
+    }
+    const P kv = load_n<Acc>(kp + i, cnt);
+    const P xv = load_n<Acc>(x + i, cnt), d = load_n<Acc>(dy + i, cnt);
+    P uv;
+    if constexpr (Cached)
+      uv = load_n<Acc>(u + i, cnt);
+    else
+      uv = f.value(xv);
+    if (cnt == W)
+      backward_packet<Acc, Stream>(xv, d, uv, f.slope(uv), kv, dx + i, W, ds, dh, dq);
+    else
+      backward_packet<Acc, false>(xv, d, uv, f.slope(uv), kv, dx + i, cnt, ds, dh, dq);
+    store_n<Acc>(ps + i, ds, cnt, false);
+    store_n<Acc>(ph + i, dh, cnt, false);
+    store_n<Acc>(pq + i, dq, cnt, false);
+  }
+}
 
 /// dx = dy * f'(p x) * k[c] and the per-channel sums (see the top of this file). u_in:
 /// the forward's f(p x) in x's memory order, or null to recompute it. k: [C] in Acc.
@@ -198,7 +321,7 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
 
   if (use_rows(v)) {
     const Index L = C * v.inner, tiles = (L + kRowTile - 1) / kRowTile;
-    const std::vector<Acc> ke = expand_param<Acc>(k, C, v.inner);
+    const std::vector<Acc> ke = expand_param<Acc>(k, C, v.inner, Acc(0));
     // A few MiB of partials at most: fewer row blocks for very long rows.
     const Index cap = std::max<Index>(1, std::min<Index>(64, (Index(1) << 20) / (3 * L)));
     const Blocking bl = fixed_blocking(v.outer, 16, cap);
@@ -213,43 +336,22 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                      Acc* ps = part + b * 3 * L + c0;
                      Acc* ph = ps + L;
                      Acc* pq = ph + L;
-                     std::fill(ps, ps + n, Acc(0));
-                     std::fill(ph, ph + n, Acc(0));
-                     std::fill(pq, pq + n, Acc(0));
-                     for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += kRowGroup) {
-                       const Index nr = std::min(kRowGroup, bl.end(b) - r0);
-                       auto columns = [&](auto cached) {
-                         Index i = 0;
-                         for (; i + W <= n; i += W) {
-                           P ds = load<Acc>(ps + i), dh = load<Acc>(ph + i), dq = load<Acc>(pq + i);
-                           const P kv = load<Acc>(ke.data() + c0 + i);
-                           for (Index r = r0; r < r0 + nr; ++r) {
-                             const Index off = r * L + c0 + i;
-                             element(cached, Yes{}, x + off, dy + off, dx + off, u_at(cached, off), kv, W,
-                                     st_rows, ds, dh, dq);
-                           }
-                           store<Acc>(ps + i, ds);
-                           store<Acc>(ph + i, dh);
-                           store<Acc>(pq + i, dq);
-                         }
-                         if (i == n) return;
-                         const Index cnt = n - i;
-                         P ds = load_n<Acc>(ps + i, cnt), dh = load_n<Acc>(ph + i, cnt),
-                           dq = load_n<Acc>(pq + i, cnt);
-                         const P kv = load_n<Acc>(ke.data() + c0 + i, cnt);
-                         for (Index r = r0; r < r0 + nr; ++r) {
-                           const Index off = r * L + c0 + i;
-                           element(cached, No{}, x + off, dy + off, dx + off, u_at(cached, off), kv, cnt,
-                                   false, ds, dh, dq);
-                         }
-                         store_n<Acc>(ps + i, ds, cnt, false);
-                         store_n<Acc>(ph + i, dh, cnt, false);
-                         store_n<Acc>(pq + i, dq, cnt, false);
-                       };
-                       if (u_in)
-                         columns(Yes{});
+                     const Acc* kp = ke.data() + c0;
+                     for (Index r = bl.begin(b); r < bl.end(b); ++r) {
+                       const Index off = r * L + c0;
+                       const bool first = r == bl.begin(b);
+                       if (u_in && st_rows)
+                         backward_stretch<Acc, true, true>(x + off, dy + off, dx + off, u_in + off,
+                                                           n, kp, ps, ph, pq, first, f);
+                       else if (u_in)
+                         backward_stretch<Acc, true, false>(x + off, dy + off, dx + off,
+                                                            u_in + off, n, kp, ps, ph, pq, first, f);
+                       else if (st_rows)
+                         backward_stretch<Acc, false, true>(x + off, dy + off, dx + off, u_in, n, kp,
+                                                            ps, ph, pq, first, f);
                        else
-                         columns(No{});
+                         backward_stretch<Acc, false, false>(x + off, dy + off, dx + off, u_in, n,
+                                                             kp, ps, ph, pq, first, f);
                      }
                    }
                    if (st_rows) stream_fence();

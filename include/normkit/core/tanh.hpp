@@ -44,7 +44,7 @@ struct TanhConstants<float> {
   // half an ulp of tanh, and a relative error of exp enters q scaled by qe/(e+1) <= 0.3.
   // With the switch at 9/16 (q = 0.49) the measured max was 1.54 ulp; at 3/4 it is
   // 1.05, for one more polynomial term.
-  static constexpr float small_limit = 0.75f;
+  static constexpr float small_limit = 0.625f;
   // tanh(x) rounds to 1.0f for x > 9.01; clamping keeps exp(2x) finite.
   static constexpr float saturate = 9.125f;
   static constexpr float two_over_ln2 = 0x1.715476p+1f;
@@ -55,9 +55,8 @@ struct TanhConstants<float> {
   static constexpr float ln2_half_lo = -0x1.bd0106p-14f;
   static constexpr int mantissa_bits = 23;
   // tanh(x) = x + x^3 * sum odd[i] x^(2i), |x| <= 3/4; relative error of the sum 3.6e-8.
-  static constexpr std::array<float, 6> odd = {-0x1.555554p-2f, 0x1.111042p-3f,
-                                               -0x1.b9d7bap-5f, 0x1.6225a4p-6f,
-                                               -0x1.03fb4ap-7f, 0x1.f49a16p-10f};
+  static constexpr std::array<float, 5> odd = {-0x1.555552p-2f, 0x1.110e1ep-3f, -0x1.b925a2p-5f,
+                                               0x1.58054cp-6f, -0x1.8f91b4p-8f};
   // exp(2r) = sum exp2r[i] r^i, |r| <= ln2/4; relative error 9.4e-9.
   static constexpr std::array<float, 7> exp2r = {
       1.0f, 2.0f, 2.0f, 0x1.5554dep+0f, 0x1.5555bap-1f, 0x1.120b1cp-2f, 0x1.6c69f2p-4f};
@@ -166,6 +165,51 @@ EIGEN_STRONG_INLINE Eigen::internal::Packet8d pscale_pow2(const Eigen::internal:
 }
 #endif
 
+// The small-range half: a + a^3 P(a^2), for a = |x| < small_limit. Tiny and denormal a
+// give a^2 = 0 and so exactly a; NaN stays NaN.
+template <class Packet>
+EIGEN_STRONG_INLINE Packet ptanh_small(const Packet& a) {
+  using namespace Eigen::internal;
+  using C = TanhConstants<typename unpacket_traits<Packet>::type>;
+  const Packet s = pmul(a, a);
+  const Packet a3 = pmul(a, s);
+  return pmadd(a3, phorner(s, C::odd), a);
+}
+
+// The large-range half: 1 - 2/(exp(2a) + 1) for a = |x| >= small_limit (any a >= 0 gives
+// a finite result; NaN lanes give garbage that the caller discards).
+template <class Packet>
+EIGEN_STRONG_INLINE Packet ptanh_large(const Packet& a) {
+  using namespace Eigen::internal;
+  using Scalar = typename unpacket_traits<Packet>::type;
+  using C = TanhConstants<Scalar>;
+  // e = exp(2y) = 2^k exp(2r) with y = k ln2/2 + r.
+  const Packet y = pmin(a, pset1<Packet>(C::saturate));
+  const Packet kmagic = pmadd(y, pset1<Packet>(C::two_over_ln2), pset1<Packet>(C::round_magic));
+  const Packet k = psub(kmagic, pset1<Packet>(C::round_magic));
+  Packet r = pmadd(k, pset1<Packet>(-C::ln2_half_hi), y);
+  r = pmadd(k, pset1<Packet>(-C::ln2_half_lo), r);
+  const Packet e = pscale_pow2(phorner(r, C::exp2r), kmagic, k);
+  const Packet one = pset1<Packet>(Scalar(1));
+  return psub(one, pdiv(pset1<Packet>(Scalar(2)), padd(e, one)));
+}
+
+// Lanes that need the large half. NaN fails the comparison and takes the small half,
+// which returns it unchanged.
+template <class Packet>
+EIGEN_STRONG_INLINE Packet ptanh_use_large(const Packet& a) {
+  using namespace Eigen::internal;
+  using C = TanhConstants<typename unpacket_traits<Packet>::type>;
+  return pcmp_le(pset1<Packet>(C::small_limit), a);
+}
+
+template <class Packet>
+EIGEN_STRONG_INLINE void ptanh_check_type() {
+  using Scalar = typename Eigen::internal::unpacket_traits<Packet>::type;
+  static_assert(std::is_same<Scalar, float>::value || std::is_same<Scalar, double>::value,
+                "ptanh_accurate: float or double packets only");
+}
+
 // tanh on every lane of a float or double packet (or on a plain float/double).
 //
 // Cost per lane, counting each packet op once (float / double):
@@ -179,45 +223,44 @@ EIGEN_STRONG_INLINE Eigen::internal::Packet8d pscale_pow2(const Eigen::internal:
 // ptanh) is cheaper but cannot reach 2 ulp near 0 and near 1 at once. The polynomial
 // gives full relative accuracy near 0; 1 - 2/(e+1) gives it near 1, and with tanh
 // >= 0.635 there the error of q = 2/(e+1) <= 0.365 shrinks in the result.
-// Computing both halves branch-free keeps the cost independent of the data (DyT
-// inputs straddle 3/4, so a per-packet branch would mispredict). The float loop is
-// bound by the two FMA pipes (17 mul/fma plus min, compare, blend per vector):
-// measured on Zen 3 at ~2.6 GHz, 0.65 ns per float (Eigen's less accurate ptanh: 0.33)
-// and 2.2 ns per double (Eigen: scalar std::tanh, 15 ns). That is more than one
-// thread's share of DRAM bandwidth for an 8-byte-per-element pass (0.46 ns per float
-// for a copy), so single-threaded DyT on this machine is compute-bound.
+// Both halves are computed branch-free and blended, so each lane's value never depends
+// on its neighbours; when no lane of the packet needs the large half (DyT's alpha * x
+// is mostly small on normalized-scale inputs) it is skipped, which changes no value.
+// The float loop with both halves is bound by the two FMA pipes (17 mul/fma plus min,
+// compare, blend per vector): measured on Zen 3 at ~2.6 GHz, 0.65 ns per float
+// (Eigen's less accurate ptanh: 0.33) and 2.2 ns per double (Eigen: scalar std::tanh,
+// 15 ns); the small half alone costs about a third of that.
 template <class Packet>
 EIGEN_STRONG_INLINE Packet ptanh_accurate(const Packet& x) {
   using namespace Eigen::internal;
-  using Scalar = typename unpacket_traits<Packet>::type;
-  static_assert(std::is_same<Scalar, float>::value || std::is_same<Scalar, double>::value,
-                "ptanh_accurate: float or double packets only");
-  using C = TanhConstants<Scalar>;
-
+  ptanh_check_type<Packet>();
   const Packet a = pabs(x);
   const Packet sign = pxor(x, a);
-
-  // Small |x|. Tiny and denormal x give s = 0 and so exactly x.
-  const Packet s = pmul(a, a);
-  const Packet a3 = pmul(a, s);
-  const Packet t_small = pmadd(a3, phorner(s, C::odd), a);
-  // NaN fails the comparison and takes the small path, which returns it unchanged.
-  const Packet use_large = pcmp_le(pset1<Packet>(C::small_limit), a);
-  // Activations are mostly small (DyT's alpha * x for normalized-scale inputs): when no
-  // lane needs the exp path, skip it. Each lane's value is the same either way.
+  const Packet t_small = ptanh_small(a);
+  const Packet use_large = ptanh_use_large(a);
   if (!predux_any(use_large)) return por(t_small, sign);
+  return por(pselect(use_large, ptanh_large(a), t_small), sign);
+}
 
-  // Large |x|: e = exp(2y) = 2^k exp(2r) with y = k ln2/2 + r.
-  const Packet y = pmin(a, pset1<Packet>(C::saturate));
-  const Packet kmagic = pmadd(y, pset1<Packet>(C::two_over_ln2), pset1<Packet>(C::round_magic));
-  const Packet k = psub(kmagic, pset1<Packet>(C::round_magic));
-  Packet r = pmadd(k, pset1<Packet>(-C::ln2_half_hi), y);
-  r = pmadd(k, pset1<Packet>(-C::ln2_half_lo), r);
-  const Packet e = pscale_pow2(phorner(r, C::exp2r), kmagic, k);
-  const Packet one = pset1<Packet>(Scalar(1));
-  const Packet t_large = psub(one, pdiv(pset1<Packet>(Scalar(2)), padd(e, one)));
-
-  return por(pselect(use_large, t_large, t_small), sign);
+// Two packets at once, each lane bitwise equal to ptanh_accurate: the kernels' loops run
+// two independent packets per iteration for instruction-level parallelism, and one
+// branch decides for both whether the large half is needed.
+template <class Packet>
+EIGEN_STRONG_INLINE void ptanh_accurate2(const Packet& x0, const Packet& x1, Packet& t0,
+                                         Packet& t1) {
+  using namespace Eigen::internal;
+  ptanh_check_type<Packet>();
+  const Packet a0 = pabs(x0), a1 = pabs(x1);
+  const Packet sign0 = pxor(x0, a0), sign1 = pxor(x1, a1);
+  const Packet s0 = ptanh_small(a0), s1 = ptanh_small(a1);
+  const Packet m0 = ptanh_use_large(a0), m1 = ptanh_use_large(a1);
+  if (!predux_any(por(m0, m1))) {
+    t0 = por(s0, sign0);
+    t1 = por(s1, sign1);
+    return;
+  }
+  t0 = por(pselect(m0, ptanh_large(a0), s0), sign0);
+  t1 = por(pselect(m1, ptanh_large(a1), s1), sign1);
 }
 
 // The smallest packet of the same family (Packet8f -> Packet4f): scalar calls run the
