@@ -685,3 +685,15 @@ TEST(RMSNormTest, ErrorMessagesNameTheLayer) {
 }
 
 }  // namespace
+
+TEST(LayerNormTest, AffineOptionIsElementwiseAffine) {
+  // affine() is BatchNorm's name for the same switch; both spellings give the same layer.
+  normkit::LayerNorm<float> a(8, normkit::LayerNormOptions().affine(false));
+  normkit::LayerNorm<float> b(8, normkit::LayerNormOptions().elementwise_affine(false));
+  EXPECT_EQ(a.weight().size(), 0);
+  EXPECT_EQ(b.weight().size(), 0);
+  EXPECT_FALSE(normkit::LayerNormOptions().affine(false).elementwise_affine());
+  normkit::RMSNorm<float> r(8, normkit::RMSNormOptions().affine(false));
+  EXPECT_EQ(r.weight().size(), 0);
+  EXPECT_TRUE(normkit::RMSNormOptions().affine());
+}

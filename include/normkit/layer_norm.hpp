@@ -22,9 +22,12 @@ class LayerNormOptions {
  public:
   LayerNormOptions& eps(double v) { eps_ = v; return *this; }
   LayerNormOptions& elementwise_affine(bool v) { affine_ = v; return *this; }
+  /// The same as elementwise_affine (BatchNorm's name for it).
+  LayerNormOptions& affine(bool v) { return elementwise_affine(v); }
   LayerNormOptions& bias(bool v) { bias_ = v; return *this; }
   double eps() const { return eps_; }
   bool elementwise_affine() const { return affine_; }
+  bool affine() const { return affine_; }
   bool bias() const { return bias_; }
 
  private:

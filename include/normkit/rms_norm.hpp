@@ -38,8 +38,11 @@ class RMSNormOptions {
  public:
   RMSNormOptions& eps(double v) { eps_ = v; return *this; }
   RMSNormOptions& elementwise_affine(bool v) { affine_ = v; return *this; }
+  /// The same as elementwise_affine (BatchNorm's name for it).
+  RMSNormOptions& affine(bool v) { return elementwise_affine(v); }
   std::optional<double> eps() const { return eps_; }
   bool elementwise_affine() const { return affine_; }
+  bool affine() const { return affine_; }
 
  private:
   std::optional<double> eps_;
