@@ -5,7 +5,9 @@ normkit_add_test(test_concurrency SOURCES test_concurrency.cpp LABELS unit relia
 
 # The fuzz target's decoder and checks run in every build, without clang: a plain
 # program that replays the seed corpus and 300 pseudo-random inputs.
-add_executable(fuzz_layers_replay fuzz/fuzz_layers.cpp)
+set(NORMKIT_FUZZ_SOURCES fuzz/fuzz_layers.cpp fuzz/fuzz_float.cpp fuzz/fuzz_double.cpp fuzz/fuzz_half.cpp
+                         fuzz/fuzz_bfloat16.cpp)
+add_executable(fuzz_layers_replay ${NORMKIT_FUZZ_SOURCES})
 target_compile_definitions(fuzz_layers_replay PRIVATE NORMKIT_FUZZ_REPLAY)
 target_link_libraries(fuzz_layers_replay PRIVATE normkit::normkit normkit_dev_flags)
 add_test(NAME FuzzLayersReplay COMMAND fuzz_layers_replay ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/corpus --random 300)
@@ -17,8 +19,13 @@ if(NORMKIT_BUILD_FUZZ)
   if(NOT CMAKE_CXX_COMPILER_ID MATCHES "Clang")
     message(FATAL_ERROR "NORMKIT_BUILD_FUZZ needs clang (libFuzzer), not ${CMAKE_CXX_COMPILER_ID}")
   endif()
-  add_executable(fuzz_layers fuzz/fuzz_layers.cpp)
+  add_executable(fuzz_layers ${NORMKIT_FUZZ_SOURCES})
   target_link_libraries(fuzz_layers PRIVATE normkit::normkit normkit_dev_flags)
-  target_compile_options(fuzz_layers PRIVATE -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined)
+  # Line tables are all a sanitizer report needs; full -g costs build time for nothing.
+  target_compile_options(fuzz_layers PRIVATE -gline-tables-only -fsanitize=fuzzer,address,undefined
+                                             -fno-sanitize-recover=undefined)
   target_link_options(fuzz_layers PRIVATE -fsanitize=fuzzer,address,undefined)
 endif()
+
+# Defects the fuzzer found outside BatchNorm, pinned with their smallest inputs.
+normkit_add_test(test_fuzz_regressions SOURCES test_fuzz_regressions.cpp LABELS unit reliability fuzz)

@@ -38,6 +38,9 @@ struct Params {
 struct Result {
   std::vector<LD> y, dx, dw, db;     // y, dx [size]; dw, db [C]
   std::vector<LD> y_scale, dx_scale, dw_scale, db_scale;
+  // How much dx amplifies the absolute error (denorm_min / 2 each) of subnormal
+  // intermediates such as dy * w or g * xhat: the factors applied after them.
+  std::vector<LD> dx_amp;
   LD dalpha = 0, dalpha_scale = 0;
   std::vector<LD> mean, var;  // per group (LN/RMS: outer*inner, BN: C); var biased
 };
@@ -54,6 +57,7 @@ inline Result normalize(bool center, bool over_mid, const std::vector<LD>& x, co
   r.dx.assign(n, 0);
   r.y_scale.assign(n, 0);
   r.dx_scale.assign(n, 0);
+  r.dx_amp.assign(n, 1);
   r.dw.assign(static_cast<std::size_t>(s.C), 0);
   r.db = r.dw;
   r.dw_scale = r.dw;
@@ -124,6 +128,7 @@ inline Result normalize(bool center, bool over_mid, const std::vector<LD>& x, co
       r.dx[k] = through_stats ? rstd * (gk - mg - xh * mgx) : rstd * gk;
       r.y_scale[k] = max_w * (1 + max_xh) + max_b;
       r.dx_scale[k] = through_stats ? rstd * max_g * (1 + max_xh) * (1 + max_xh) : rstd * std::fabs(gk);
+      r.dx_amp[k] = 1 + rstd * (1 + max_xh) * (1 + max_xh) * (1 + max_w);
     }
   }
   return r;
@@ -148,6 +153,7 @@ inline Result dyt(const std::vector<LD>& x, const std::vector<LD>& dy, const Sha
   r.dx.assign(n, 0);
   r.y_scale.assign(n, 0);
   r.dx_scale.assign(n, 0);
+  r.dx_amp.assign(n, 1);
   r.dw.assign(static_cast<std::size_t>(s.C), 0);
   r.db = r.dw;
   r.dw_scale = r.dw;
@@ -163,6 +169,7 @@ inline Result dyt(const std::vector<LD>& x, const std::vector<LD>& dy, const Sha
         r.y_scale[k] = std::fabs(p.wt(c)) + std::fabs(p.bs(c));
         r.dx[k] = gk * p.alpha * sech2;
         r.dx_scale[k] = std::fabs(gk * p.alpha);
+        r.dx_amp[k] = 1 + std::fabs(p.wt(c) * p.alpha);
         r.dalpha += gk * x[k] * sech2;
         // 1 - t^2 loses its relative accuracy as t -> 1, down to an absolute error of
         // a few ulp; past |alpha x| ~ 20, t is 1 in any float format and the term is 0.

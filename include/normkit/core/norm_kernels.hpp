@@ -116,23 +116,26 @@ template <bool Center, class Acc, class T>
 void row_forward_wide(const T* x, T* y, Index n, Index stride, Acc eps, Affine<T> p,
                       Acc& mean, Acc& rstd) {
   using Wd = wide_t<Acc>;
+  // Around the shift s = x[0], as the Acc path: a double row at 1e207 with a spread of
+  // 1e198 needs more than long double's 11 extra bits to hold x - mean in one piece.
+  const Wd s = Center && n > 0 ? static_cast<Wd>(x[0]) : Wd(0);
   Wd m = 0, ss = 0;
   if constexpr (Center) {
-    for (Index i = 0; i < n; ++i) m += static_cast<Wd>(x[i * stride]);
+    for (Index i = 0; i < n; ++i) m += static_cast<Wd>(x[i * stride]) - s;
     m /= static_cast<Wd>(n);
   }
   for (Index i = 0; i < n; ++i) {
-    const Wd v = static_cast<Wd>(x[i * stride]) - m;
+    const Wd v = (static_cast<Wd>(x[i * stride]) - s) - m;
     ss += v * v;
   }
   const Wd r = Wd(1) / std::sqrt(ss / static_cast<Wd>(n) + static_cast<Wd>(eps));
   for (Index i = 0; i < n; ++i) {
-    Wd v = (static_cast<Wd>(x[i * stride]) - m) * r;
+    Wd v = ((static_cast<Wd>(x[i * stride]) - s) - m) * r;
     if (p.weight) v *= static_cast<Wd>(p.weight[i]);
     if (p.bias) v += static_cast<Wd>(p.bias[i]);
     y[i * stride] = static_cast<T>(static_cast<Acc>(v));
   }
-  mean = static_cast<Acc>(m);
+  mean = static_cast<Acc>(s + m);
   rstd = static_cast<Acc>(r);
 }
 
@@ -153,7 +156,10 @@ void row_forward(const T* x, T* y, Index n, Acc eps, Affine<T> p, bool stream, A
   Acc d = 0;
   const bool fast = !Center || fast_row(m, r);
   if (!fast) {
-    d = row_sum<true>(x, n, m) * inv_n;
+    // Divide, not * inv_n: for a constant row x - m is the same e for every element,
+    // and n e / n gives e back exactly (so y = b), while n e * fl(1/n) leaves a residual
+    // of ulp(e) that a tiny eps turns into xhat = +-1.
+    d = row_sum<true>(x, n, m) / static_cast<Acc>(n);
     var = row_sum_sq<true, true>(x, n, m, d) * inv_n;
     r = Acc(1) / std::sqrt(var + eps);
   }
@@ -174,13 +180,16 @@ void row_forward(const T* x, T* y, Index n, Acc eps, Affine<T> p, bool stream, A
     else
       return v;
   };
+  // Pass 3 also prefetches the next row (contiguous after this one).
   if (fast) {
     for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, bool st) {
+      prefetch(x, n + i);
       const P v = pmadd(load_n<Acc>(x + i, cnt), pr, pnmr);
       store_n<Acc>(y + i, affine(v, i, cnt), cnt, st);
     });
   } else {
     for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, bool st) {
+      prefetch(x, n + i);
       const P v = pmul(psub(psub(load_n<Acc>(x + i, cnt), pm), pd), pr);
       store_n<Acc>(y + i, affine(v, i, cnt), cnt, st);
     });
@@ -193,9 +202,10 @@ void row_backward_wide(const T* x, const T* dy, T* dx, Index n, Index stride, Ac
                        const T* w, Acc* dw, Acc* db) {
   using Wd = wide_t<Acc>;
   const Wd r = rstd, nn = static_cast<Wd>(n);
+  const Wd s = Center && n > 0 ? static_cast<Wd>(x[0]) : Wd(0);  // the shift of row_forward_wide
   Wd m = 0;
   if constexpr (Center) {
-    for (Index i = 0; i < n; ++i) m += static_cast<Wd>(x[i * stride]);
+    for (Index i = 0; i < n; ++i) m += static_cast<Wd>(x[i * stride]) - s;
     m /= nn;
   }
   (void)mean;
@@ -203,11 +213,11 @@ void row_backward_wide(const T* x, const T* dy, T* dx, Index n, Index stride, Ac
   for (Index i = 0; i < n; ++i) {
     const Wd g = static_cast<Wd>(dy[i * stride]) * (w ? static_cast<Wd>(w[i]) : Wd(1));
     sg += g;
-    sgx += g * (static_cast<Wd>(x[i * stride]) - m) * r;
+    sgx += g * ((static_cast<Wd>(x[i * stride]) - s) - m) * r;
   }
   const Wd mg = Center ? sg / nn : Wd(0), mgx = sgx / nn;
   for (Index i = 0; i < n; ++i) {
-    const Wd xh = (static_cast<Wd>(x[i * stride]) - m) * r;
+    const Wd xh = ((static_cast<Wd>(x[i * stride]) - s) - m) * r;
     const Wd d = static_cast<Wd>(dy[i * stride]);
     const Wd g = d * (w ? static_cast<Wd>(w[i]) : Wd(1));
     if (dw) dw[i] += static_cast<Acc>(d * xh);
@@ -231,7 +241,7 @@ void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, c
   constexpr Index W = packet_size<Acc>;
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
   const bool fast = !Center || fast_row(mean, rstd);
-  const Acc c = fast ? Acc(0) : row_sum<true>(x, n, mean) * inv_n;
+  const Acc c = fast ? Acc(0) : row_sum<true>(x, n, mean) / static_cast<Acc>(n);  // exact as in row_forward
   const P pr = pset1<P>(rstd), pnmr = pset1<P>(-mean * rstd), pm = pset1<P>(mean),
           pc = pset1<P>(c);
   auto run = [&](auto fast_c) {
@@ -274,8 +284,10 @@ void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, c
     }
     const Acc mg = Center ? B * inv_n : Acc(0), mgx = C * inv_n;
     const P k0 = pset1<P>(-rstd * mg), nk1 = pset1<P>(-rstd * mgx);
-    // Pass 2: dx, and the parameter-gradient partials.
+    // Pass 2: dx, and the parameter-gradient partials; prefetches the next row.
     for_each_packet<Acc>(dx, n, stream, [&](Index j, Index cnt, bool st) {
+      prefetch(x, n + j);
+      prefetch(dy, n + j);
       const P xh = xhat(load_n<Acc>(x + j, cnt));
       const P d = load_n<Acc>(dy + j, cnt);
       if (dw) store_n<Acc>(dw + j, pmadd(d, xh, load_n<Acc>(dw + j, cnt)), cnt, false);
