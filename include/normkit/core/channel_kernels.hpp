@@ -88,7 +88,8 @@ inline Blocking column_blocking(const ChannelView& v) {
 
 // ---- moments ---------------------------------------------------------------------
 
-/// sum(x - m) and sum((x - m)^2) of a contiguous run, two accumulators each.
+/// sum(x - m) and sum((x - m)^2) of a contiguous run, two accumulators each; the run is
+/// in L1 by now, and the next one (contiguous after it) is prefetched meanwhile.
 template <class Acc, class T>
 void sum_d_d2(const T* x, Index n, Acc m, Acc& sd, Acc& sd2) {
   using namespace simd;
@@ -98,6 +99,7 @@ void sum_d_d2(const T* x, Index n, Acc m, Acc& sd, Acc& sd2) {
   P a0 = zero<Acc>(), a1 = zero<Acc>(), q0 = zero<Acc>(), q1 = zero<Acc>();
   Index i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
+    prefetch(x, n + i);
     const P d0 = psub(load<Acc>(x + i), pm), d1 = psub(load<Acc>(x + i + W), pm);
     a0 = padd(a0, d0);
     a1 = padd(a1, d1);
@@ -369,7 +371,6 @@ void chunk_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, cons
 template <class T, class Acc, bool SelfDy = false, class Dev>
 void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, const ChannelView& v,
                        std::vector<double>& work, double* out) {
-  constexpr Index W = packet_size<Acc>;
   std::fill(out, out + 3 * v.C, 0.0);
   if (v.size() == 0) return;
   if (v.row_path()) {

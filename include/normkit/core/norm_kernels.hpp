@@ -180,13 +180,16 @@ void row_forward(const T* x, T* y, Index n, Acc eps, Affine<T> p, bool stream, A
     else
       return v;
   };
+  // Pass 3 also prefetches the next row (contiguous after this one).
   if (fast) {
     for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, bool st) {
+      prefetch(x, n + i);
       const P v = pmadd(load_n<Acc>(x + i, cnt), pr, pnmr);
       store_n<Acc>(y + i, affine(v, i, cnt), cnt, st);
     });
   } else {
     for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, bool st) {
+      prefetch(x, n + i);
       const P v = pmul(psub(psub(load_n<Acc>(x + i, cnt), pm), pd), pr);
       store_n<Acc>(y + i, affine(v, i, cnt), cnt, st);
     });
@@ -281,8 +284,10 @@ void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, c
     }
     const Acc mg = Center ? B * inv_n : Acc(0), mgx = C * inv_n;
     const P k0 = pset1<P>(-rstd * mg), nk1 = pset1<P>(-rstd * mgx);
-    // Pass 2: dx, and the parameter-gradient partials.
+    // Pass 2: dx, and the parameter-gradient partials; prefetches the next row.
     for_each_packet<Acc>(dx, n, stream, [&](Index j, Index cnt, bool st) {
+      prefetch(x, n + j);
+      prefetch(dy, n + j);
       const P xh = xhat(load_n<Acc>(x + j, cnt));
       const P d = load_n<Acc>(dy + j, cnt);
       if (dw) store_n<Acc>(dw + j, pmadd(d, xh, load_n<Acc>(dw + j, cnt)), cnt, false);

@@ -114,6 +114,23 @@ EIGEN_STRONG_INLINE void store_stream(T* p, const packet_t<Acc>& v) {
   store<Acc>(p, v);
 }
 
+/// Asks for the cache line of p[i] ahead of its use (into L2 and up). A prefetch never
+/// faults, and the address is formed as an integer, so p[i] may lie past the end of
+/// the buffer. The row kernels call it on the next row while
+/// they write the current one, so that its reads overlap the writes instead of waiting
+/// for them: a row is read from memory in a pass of its own, and the hardware
+/// prefetchers stop at the end of that pass.
+template <class T>
+EIGEN_STRONG_INLINE void prefetch(const T* p, Index i) {
+#if defined(__SSE2__)
+  const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(i) * sizeof(T);
+  _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T1);
+#else
+  (void)p;
+  (void)i;
+#endif
+}
+
 /// Orders the streaming stores of this thread before whatever follows.
 inline void stream_fence() {
 #if defined(__SSE2__)
