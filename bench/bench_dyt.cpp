@@ -1,4 +1,8 @@
-// BM_DyT_*: fp32, RowMajor [rows, features], 1 and 2 threads, beside BM_LayerNorm_*;
+// BM_DyT_*: fp32, RowMajor [rows, features], 1 and 2 threads, beside BM_LayerNorm_*,
+// x uniform in [0, 1) (setRandom) and alpha 0.5: every packet takes tanh's cheap small
+// range, as on normalized-scale activations.
+// BM_DyTWide_*: the same with x uniform in [-4, 4]: |alpha x| up to 2, nearly every
+// packet also needs tanh's exp half, the worst case of the data-dependent cost.
 // BM_DyTEigen_*: the Eigen Tensor expressions a user would write without normkit, the
 // in-ecosystem peer (Eigen's own vectorized tanh, ~5 ulp).
 #include <normkit/normkit.hpp>
@@ -9,12 +13,18 @@ namespace {
 using nkbench::Index;
 using nkbench::RowTensor2;
 
-void BM_DyT_Forward(benchmark::State& state) {
+// x in [0, 1) for the DyT rows, in [-4, 4] for the DyTWide rows.
+void fill_x(RowTensor2& x, bool wide) {
+  x.setRandom();
+  if (wide) x = x * 8.0f - 4.0f;
+}
+
+void forward(benchmark::State& state, bool wide) {
   const Index rows = state.range(0), features = state.range(1);
   const int threads = static_cast<int>(state.range(2));
   normkit::DyT<float> layer(features);
   RowTensor2 x(rows, features), y(rows, features);
-  x.setRandom();
+  fill_x(x, wide);
   normkit::DyT<float>::Cache cache;
   nkbench::with_device(threads, [&](const auto& dev) {
     layer.forward(dev, x, y, cache);  // first touch of y and the cache outside the timing
@@ -28,12 +38,12 @@ void BM_DyT_Forward(benchmark::State& state) {
   nkbench::report(state, 8, rows * features, threads);
 }
 
-void BM_DyT_Backward(benchmark::State& state) {
+void backward(benchmark::State& state, bool wide) {
   const Index rows = state.range(0), features = state.range(1);
   const int threads = static_cast<int>(state.range(2));
   normkit::DyT<float> layer(features);
   RowTensor2 x(rows, features), y(rows, features), dy(rows, features), dx(rows, features);
-  x.setRandom();
+  fill_x(x, wide);
   dy.setRandom();
   normkit::DyT<float>::Cache cache;
   normkit::DyT<float>::Grads grads;
@@ -49,6 +59,11 @@ void BM_DyT_Backward(benchmark::State& state) {
   state.counters["tanh_cached"] = cache.tanh.size() ? 1 : 0;
   nkbench::report(state, 12, rows * features, threads);
 }
+
+void BM_DyT_Forward(benchmark::State& s) { forward(s, false); }
+void BM_DyT_Backward(benchmark::State& s) { backward(s, false); }
+void BM_DyTWide_Forward(benchmark::State& s) { forward(s, true); }
+void BM_DyTWide_Backward(benchmark::State& s) { backward(s, true); }
 
 // y = tanh(alpha x) * w + b, with w and b broadcast over the rows.
 void BM_DyTEigen_Forward(benchmark::State& state) {
@@ -112,6 +127,8 @@ void BM_DyTEigen_Backward(benchmark::State& state) {
 
 BENCHMARK(BM_DyT_Forward)->Apply(nkbench::row_shapes);
 BENCHMARK(BM_DyT_Backward)->Apply(nkbench::row_shapes);
+BENCHMARK(BM_DyTWide_Forward)->Apply(nkbench::row_shapes);
+BENCHMARK(BM_DyTWide_Backward)->Apply(nkbench::row_shapes);
 BENCHMARK(BM_DyTEigen_Forward)->Apply(nkbench::row_shapes);
 BENCHMARK(BM_DyTEigen_Backward)->Apply(nkbench::row_shapes);
 

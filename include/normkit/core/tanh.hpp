@@ -1,18 +1,19 @@
 // Accurate, vectorized tanh for float and double on Eigen packets (used by DyT).
 //
 // Method (derivation and error analysis: docs/derivations/tanh.md):
-//   |x| <  3/4 : tanh(x) = x + x^3 P(x^2), P a minimax polynomial (relative error)
-//                of degree 5 (float) / 12 (double).
-//   |x| >= 3/4 : tanh(|x|) = 1 - 2 / (exp(2|x|) + 1), with our own exp:
+//   |x| <  c   : tanh(x) = x + x^3 P(x^2), P a minimax polynomial (relative error)
+//                of degree 4 with c = 5/8 (float) / 12 with c = 3/4 (double).
+//   |x| >= c   : tanh(|x|) = 1 - 2 / (exp(2|x|) + 1), with our own exp:
 //                exp(2a) = 2^k exp(2r), a = k ln2/2 + r, |r| <= ln2/4, exp(2r) a
 //                minimax polynomial of degree 6 (float) / 11 (double); |x| is clamped
 //                to 9.125 (float) / 19.5 (double), beyond which tanh rounds to 1.
-//   Both halves are computed for every lane and blended; the sign is restored with a bit op.
-// Measured max error (AVX2+FMA, g++ 12 and clang 14): float 1.05 ulp over all 2^32
-// inputs (vs double std::tanh); double 1.03 ulp over 1e7 samples (vs long double tanhl).
-// Without FMA (AVX2, AVX, SSE2) both stay under 1.15 ulp. -ffast-math is not supported:
-// it may drop NaN/inf handling or fold the round-to-integer trick (y + 1.5*2^23) - 1.5*2^23
-// (g++ 12 happened to give 1.66 ulp).
+//   Both halves are computed for every lane and blended, the large one only when some
+//   lane of the packet (or packet pair) needs it; the sign is restored with a bit op.
+// Measured max error (AVX2+FMA, g++ 12): float 1.36 ulp over all 2^32 inputs (vs double
+// std::tanh; the 2-ulp budget buys one FMA less than the 1.05-ulp degree-5 version);
+// double 1.05 ulp over 1e7 samples (vs long double tanhl).
+// -ffast-math is not supported: it may drop NaN/inf handling or fold the
+// round-to-integer trick (y + 1.5*2^23) - 1.5*2^23.
 #pragma once
 
 #include <array>
@@ -40,10 +41,10 @@ struct TanhConstants;
 // the target type; docs/derivations/tanh.md has the script's intervals and errors.
 template <>
 struct TanhConstants<float> {
-  // Above 3/4, tanh >= 0.635 and q = 2/(exp(2|x|)+1) <= 0.365: an ulp of q is at most
-  // half an ulp of tanh, and a relative error of exp enters q scaled by qe/(e+1) <= 0.3.
-  // With the switch at 9/16 (q = 0.49) the measured max was 1.54 ulp; at 3/4 it is
-  // 1.05, for one more polynomial term.
+  // Above 5/8, tanh >= 0.555 and q = 2/(exp(2|x|)+1) <= 0.445: an ulp of q is at most
+  // an ulp of tanh, and a relative error of exp enters q scaled by qe/(e+1) <= 0.25.
+  // Measured max: 1.54 ulp at 9/16 and 1.36 at 5/8 with degree 4; 1.05 at 3/4 with
+  // degree 5. 5/8 spends the 2-ulp budget on speed: one FMA less on every packet.
   static constexpr float small_limit = 0.625f;
   // tanh(x) rounds to 1.0f for x > 9.01; clamping keeps exp(2x) finite.
   static constexpr float saturate = 9.125f;
@@ -54,7 +55,7 @@ struct TanhConstants<float> {
   static constexpr float ln2_half_hi = 0x1.63p-2f;
   static constexpr float ln2_half_lo = -0x1.bd0106p-14f;
   static constexpr int mantissa_bits = 23;
-  // tanh(x) = x + x^3 * sum odd[i] x^(2i), |x| <= 3/4; relative error of the sum 3.6e-8.
+  // tanh(x) = x + x^3 * sum odd[i] x^(2i), |x| <= 5/8; relative error of the sum 1.3e-7.
   static constexpr std::array<float, 5> odd = {-0x1.555552p-2f, 0x1.110e1ep-3f, -0x1.b925a2p-5f,
                                                0x1.58054cp-6f, -0x1.8f91b4p-8f};
   // exp(2r) = sum exp2r[i] r^i, |r| <= ln2/4; relative error 9.4e-9.
@@ -212,24 +213,24 @@ EIGEN_STRONG_INLINE void ptanh_check_type() {
 
 // tanh on every lane of a float or double packet (or on a plain float/double).
 //
-// Cost per lane, counting each packet op once (float / double):
+// Cost per packet, counting each packet op once (float / double):
 //   abs, sign                               2 / 2
-//   small |x|: x^2, Horner, x^3, final fma  1 + 5 + 1 + 1 = 8 / 1 + 12 + 1 + 1 = 15
-//   large |x|: clamp, round (2), reduce (2), Horner, 2^k (2), +1, div, 1-q
-//                                           1 + 2 + 2 + 6 + 2 + 3 = 16 / 1 + 2 + 2 + 11 + 2 + 3 = 21
-//   compare, blend, sign                    3 / 3
-//   total                                   29 / 41, one of them a division.
+//   small |x|: x^2, Horner, x^3, final fma  1 + 4 + 1 + 1 = 7 / 1 + 12 + 1 + 1 = 15
+//   compare, any-lane test                  2 / 2
+//   large |x| (only if a lane needs it): clamp, round (2), reduce (2), Horner, 2^k (2),
+//   +1, div, 1-q, blend                     1 + 2 + 2 + 6 + 2 + 3 + 1 = 17 / 22
+//   sign                                    1
 // Why this shape: a single rational approximation over the whole range (Eigen's
 // ptanh) is cheaper but cannot reach 2 ulp near 0 and near 1 at once. The polynomial
-// gives full relative accuracy near 0; 1 - 2/(e+1) gives it near 1, and with tanh
-// >= 0.635 there the error of q = 2/(e+1) <= 0.365 shrinks in the result.
-// Both halves are computed branch-free and blended, so each lane's value never depends
-// on its neighbours; when no lane of the packet needs the large half (DyT's alpha * x
-// is mostly small on normalized-scale inputs) it is skipped, which changes no value.
-// The float loop with both halves is bound by the two FMA pipes (17 mul/fma plus min,
-// compare, blend per vector): measured on Zen 3 at ~2.6 GHz, 0.65 ns per float
-// (Eigen's less accurate ptanh: 0.33) and 2.2 ns per double (Eigen: scalar std::tanh,
-// 15 ns); the small half alone costs about a third of that.
+// gives full relative accuracy near 0; 1 - 2/(e+1) gives it near 1, where the error of
+// q = 2/(e+1) shrinks in the result. One formula for every lane,
+// tanh = E/(E+2) with E = expm1(2|x|), would drop the blend and the branch at ~21 ops,
+// but its three roundings in a row measured 2.4 ulp (float) and 2.5 (double) below 0.35.
+// Each lane's value never depends on its neighbours: the large half is skipped when
+// no lane needs it (DyT's alpha * x is mostly small on normalized-scale inputs), which
+// changes no value. Measured on Zen 3 (one thread, in cache): the small half alone about
+// 0.2 ns per float, both halves 0.6 ns (FMA-bound: ~19 mul/FMA per packet plus the
+// division), double 2.2 ns (Eigen: scalar std::tanh, 15 ns).
 template <class Packet>
 EIGEN_STRONG_INLINE Packet ptanh_accurate(const Packet& x) {
   using namespace Eigen::internal;
