@@ -18,6 +18,7 @@
 // MPI) every process holds a part of the batch, and forward/backward see the whole one.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -290,9 +291,12 @@ class BatchNorm {
           for (Index c = 0; c < C; ++c) {
             if (!offset[c]) continue;
             const long double A = sums[c], Q = sums[2 * C + c];
+            // Squares beyond double (std > ~1e154): keep the moments above, which the
+            // long-double pass computed when double overflowed.
+            if (!(std::isfinite(A) && std::isfinite(Q))) continue;
             corr[c] = A / count;
             mean[c] = static_cast<long double>(m[c]) + corr[c];
-            var[c] = std::max(0.0L, Q - A * corr[c]) / count;
+            var[c] = detail::nonnegative(Q - A * corr[c]) / count;
             r[c] = 1 / std::sqrt(var[c] + static_cast<long double>(opt_.eps()));
           }
         }
@@ -380,7 +384,7 @@ class BatchNorm {
   }
 
   void fill_cache(Cache& cache, const std::vector<Index>& dims, bool batch, const Acc* m, const Acc* rs,
-                  double count, std::vector<detail::WideChannel> wide) const {
+                  double count, std::vector<detail::WideChannel>&& wide) const {
     cache.wide = std::move(wide);
     cache.mean.resize(C_);
     cache.invstd.resize(C_);
@@ -472,6 +476,11 @@ class BatchNorm {
     std::vector<double> sums(static_cast<std::size_t>(3 * C), 0.0);
     const Acc* m = cache.mean.data();
     std::vector<const detail::WideChannel*> was_wide(static_cast<std::size_t>(C), nullptr);
+    // The wide channels' sums as computed: sum(dy) of values near DBL_MAX can exceed
+    // double although mean(dy) does not (without a reducer; with one, the double sums
+    // are what the processes exchange).
+    std::vector<std::array<long double, 2>> wide_sums(static_cast<std::size_t>(C));
+    std::vector<detail::WideChannel> overflowed;  // reserved, so the pointers stay valid
     for (const detail::WideChannel& w : cache.wide) was_wide[static_cast<std::size_t>(w.channel)] = &w;
     if (need_sums) {
       detail::channel_grad_sums<T, Acc>(dev, x.data(), dy.data(), m, v, grads.work, sums.data());
@@ -485,6 +494,39 @@ class BatchNorm {
         sums[w.channel] = 0;
         sums[C + w.channel] = static_cast<double>(sb);
         sums[2 * C + w.channel] = static_cast<double>(sc);
+        wide_sums[static_cast<std::size_t>(w.channel)] = {sb, sc};
+      }
+      // Sums of finite values that overflowed Acc (dy * (x - m) near DBL_MAX): that
+      // channel too is done in long double, around the mean forward used.
+      if (!red) {
+        overflowed.reserve(static_cast<std::size_t>(C));
+        for (Index c = 0; c < C; ++c) {
+          if (was_wide[static_cast<std::size_t>(c)] ||
+              (std::isfinite(sums[c]) && std::isfinite(sums[C + c]) && std::isfinite(sums[2 * C + c])) ||
+              !(std::isfinite(m[c]) && std::isfinite(cache.invstd(c))))  // NaN/Inf statistics: not an overflow
+            continue;
+          const long double mc = static_cast<long double>(m[c]);
+          long double sa = 0;
+          bool finite = true;
+          detail::for_each_in_channel(v, c, [&](Index i) {
+            const double xi = static_cast<double>(x.data()[i]), gi = static_cast<double>(dy.data()[i]);
+            finite = finite && std::isfinite(xi) && std::isfinite(gi);
+            sa += static_cast<long double>(xi) - mc;
+          });
+          if (!finite) continue;  // NaN and Inf stay in their channel
+          const long double mean = batch && cache.count > 0 ? mc + sa / static_cast<long double>(cache.count) : mc;
+          const long double r = static_cast<long double>(cache.invstd(c));
+          long double sb = 0, sc = 0;
+          detail::for_each_in_channel(v, c, [&](Index i) {
+            const long double g = static_cast<double>(dy.data()[i]);
+            sb += g;
+            sc += g * ((static_cast<long double>(static_cast<double>(x.data()[i])) - mean) * r);
+          });
+          overflowed.push_back({c, mean, r});
+          was_wide[static_cast<std::size_t>(c)] = &overflowed.back();
+          wide_sums[static_cast<std::size_t>(c)] = {sb, sc};
+          sums[c] = 0;
+        }
       }
       if (red) red->allreduce_sum(sums.data(), 3 * C);
     }
@@ -498,7 +540,9 @@ class BatchNorm {
       const detail::WideChannel* ww = was_wide[static_cast<std::size_t>(c)];
       const long double r = ww ? ww->invstd : static_cast<long double>(cache.invstd(c));
       const long double w = affine ? static_cast<long double>(static_cast<double>(weight_(c))) : 1;
-      const long double A = sums[c], B = sums[C + c], Cc = sums[2 * C + c];
+      const bool exact = ww && !red;
+      const long double A = sums[c], B = exact ? wide_sums[static_cast<std::size_t>(c)][0] : sums[C + c],
+                        Cc = exact ? wide_sums[static_cast<std::size_t>(c)][1] : sums[2 * C + c];
       // In batch mode m is the rounded batch mean; A / n is what it misses.
       const long double corr = batch && n > 0 && !ww ? A / n : 0;
       const long double sum_dy_xhat = ww ? Cc : (Cc - corr * B) * r;
@@ -531,6 +575,7 @@ class BatchNorm {
       detail::channel_map<T, Acc>(dev, dy.data(), nullptr, dx.data(), v,
                                   detail::ChannelMap<Acc>{zero.data(), k.data(), zero.data(), nullptr});
     std::vector<detail::WideChannel> channels;
+    channels.reserve(wide.size());
     for (const WideGrad& w : wide) channels.push_back({w.channel, 0, 0});
     detail::scatter_channels(wide_dx.data(), v, channels, dx.data());
   }

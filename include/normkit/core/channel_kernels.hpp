@@ -36,6 +36,14 @@ struct Moments {
   double n = 0, mean = 0, m2 = 0;
 };
 
+/// A corrected sum of squares q - a^2/n clamped at 0 against rounding, NaN kept: an
+/// overflowed sum (inf - inf) must stay non-finite so that the caller redoes the channel
+/// in a wider type; std::max(0.0, NaN) would turn it into a silent 0.
+template <class F>
+F nonnegative(F v) {
+  return v < F(0) ? F(0) : v;
+}
+
 /// Chan et al.'s pairwise update: a becomes the moments of a's values and b's.
 inline void merge(Moments& a, const Moments& b) {
   if (b.n == 0) return;
@@ -127,7 +135,7 @@ Moments segment_moments(const T* x, Index n) {
       return segment_moments<double>(x, n);
   }
   const double dn = static_cast<double>(n), a = sd;
-  return Moments{dn, static_cast<double>(m) + a / dn, std::max(0.0, double(sd2) - a * a / dn)};
+  return Moments{dn, static_cast<double>(m) + a / dn, nonnegative(double(sd2) - a * a / dn)};
 }
 
 /// One strided column of nr values in double (the overflow fallback of a tile).
@@ -141,7 +149,7 @@ Moments column_moments_wide(const T* x, Index ld, Index nr) {
     sd += d;
     sd2 += d * d;
   }
-  return Moments{double(nr), m + sd / double(nr), std::max(0.0, sd2 - sd * sd / double(nr))};
+  return Moments{double(nr), m + sd / double(nr), nonnegative(sd2 - sd * sd / double(nr))};
 }
 
 /// The means of nc <= kColGroup columns over nr rows of a row-major matrix with leading
@@ -214,7 +222,7 @@ void tile_moments(const T* x, Index ld, Index nr, Index nc, const Acc* mean, dou
     } else {
       const double sa = as[c];
       cmean[c] = static_cast<double>(ms[c]) + sa * inv_n;
-      cm2[c] = std::max(0.0, double(qs[c]) - sa * sa * inv_n);
+      cm2[c] = nonnegative(double(qs[c]) - sa * sa * inv_n);
     }
   }
 }
@@ -460,7 +468,7 @@ void exact_channel_moments(const T* x, const ChannelView& v, Index c, long doubl
     d2 += e * e;
   });
   mean += d / n;
-  var = std::max(0.0L, d2 - d * d / n) / n;
+  var = nonnegative(d2 - d * d / n) / n;
 }
 
 // ---- the per-channel affine map ---------------------------------------------------
