@@ -413,6 +413,42 @@ TYPED_TEST(DyTTest, EmptyTensorIsANoOpWithZeroGradients) {
     EXPECT_EQ(grads.weight(c), T(0));
     EXPECT_EQ(grads.bias(c), T(0));
   }
+  // A sum without terms is 0 even for an infinite weight (found by the fuzzer: 0 * inf).
+  layer.weight()(2) = T(std::numeric_limits<float>::infinity());
+  layer.backward(x, x, cache, dx, grads);
+  EXPECT_EQ(grads.alpha, T(0));
+}
+
+// weight * alpha beyond float's range (3e38 * 10) or below double's normal range
+// (1e-321 * 1e-3) while dx itself is an ordinary number (found by the fuzzer): the
+// channel's dx is computed in the wider type, in place too.
+TEST(DyTTest, WeightTimesAlphaOutOfRange) {
+  auto check = [](auto tag, double w0, double alpha, double dy0) {
+    using T = decltype(tag);
+    normkit::DyT<T> layer(2);
+    layer.alpha() = static_cast<T>(alpha);
+    layer.weight().setValues({static_cast<T>(w0), T(1)});
+    Eigen::Tensor<T, 2, Eigen::RowMajor> x(3, 2), y(3, 2), dy(3, 2), dx(3, 2);
+    x.setValues({{T(0.01), T(0.5)}, {T(-0.02), T(1)}, {T(0.003), T(2)}});
+    dy.setValues({{static_cast<T>(dy0), T(1)}, {static_cast<T>(-dy0), T(1)}, {static_cast<T>(dy0 / 2), T(1)}});
+    typename normkit::DyT<T>::Cache cache;
+    typename normkit::DyT<T>::Grads grads;
+    layer.forward(x, y, cache);
+    layer.backward(x, dy, cache, dx, grads);
+    for (Index r = 0; r < 3; ++r) {
+      const long double t = std::tanh(static_cast<long double>(alpha) * static_cast<long double>(x(r, 0)));
+      const long double want = static_cast<long double>(dy(r, 0)) * static_cast<long double>(layer.weight()(0)) *
+                               static_cast<long double>(static_cast<T>(alpha)) * (1 - t * t);
+      ASSERT_TRUE(std::isfinite(want));
+      EXPECT_NEAR(static_cast<double>(dx(r, 0)), static_cast<double>(want), 4 * std::numeric_limits<T>::epsilon() * std::fabs(static_cast<double>(want)))
+          << r;
+    }
+    Eigen::Tensor<T, 2, Eigen::RowMajor> inplace = dy;
+    layer.backward(x, inplace, cache, inplace, grads);  // dx = dy
+    EXPECT_EQ(0, std::memcmp(inplace.data(), dx.data(), sizeof(T) * 6));
+  };
+  check(float{}, 3e38, 10, 1e-39);     // k = 3e39: inf in float
+  check(double{}, 1e-321, 1e-3, 1e83);  // k = 1e-324: 0 in double
 }
 
 TYPED_TEST(DyTTest, CachedAndRecomputedTanhGiveTheSameBits) {
@@ -558,6 +594,12 @@ TEST(DyTTest, OptionsAndDefaults) {
 
   normkit::DyT<double> bare(8, normkit::DyTOptions().elementwise_affine(false).channel_axis(1));
   EXPECT_EQ(bare.weight().size(), 0);
+  // affine() is another name for elementwise_affine(), as in LayerNorm's options.
+  normkit::DyT<float> bare2(8, normkit::DyTOptions().affine(false));
+  EXPECT_EQ(bare2.weight().size(), 0);
+  EXPECT_EQ(bare2.bias().size(), 0);
+  EXPECT_FALSE(normkit::DyTOptions().affine(false).elementwise_affine());
+  EXPECT_TRUE(normkit::DyTOptions().affine());
   EXPECT_EQ(bare.bias().size(), 0);
   EXPECT_EQ(bare.channel_axis(), 1);
 }

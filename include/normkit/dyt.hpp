@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -71,10 +72,13 @@ class DyTOptions {
  public:
   DyTOptions& alpha_init(double v) { alpha_init_ = v; return *this; }
   DyTOptions& elementwise_affine(bool v) { affine_ = v; return *this; }
+  /// The same as elementwise_affine (BatchNorm's name for it, and the "affine").
+  DyTOptions& affine(bool v) { return elementwise_affine(v); }
   DyTOptions& bias(bool v) { bias_ = v; return *this; }
   DyTOptions& channel_axis(int v) { axis_ = v; return *this; }
   double alpha_init() const { return alpha_init_; }
   bool elementwise_affine() const { return affine_; }
+  bool affine() const { return affine_; }
   bool bias() const { return bias_; }
   int channel_axis() const { return axis_; }
 
@@ -278,28 +282,80 @@ class DyT {
     const bool affine = elementwise_affine(), with_bias = has_bias();
     grads.weight.resize(affine ? C_ : 0);
     grads.bias.resize(with_bias ? C_ : 0);
-    // dx = dy * s * k[c], k = weight * alpha: one multiply per element, not two.
+    // dx = dy * s * k[c], k = weight * alpha: one multiply per element, not two. A
+    // channel whose k leaves Acc's range although weight and alpha do not (weight 3e38
+    // and alpha 10 in float, or a subnormal product) has its dx computed apart, in the
+    // wider type; the vector pass writes 0 there, and the values go in afterwards (so
+    // dx may still alias x or dy).
+    using Wd = detail::wide_t<Acc>;
     const Acc alpha = cache.alpha;
     std::vector<Acc> k(static_cast<std::size_t>(C_));
-    for (Index c = 0; c < C_; ++c)
-      k[static_cast<std::size_t>(c)] = (affine ? static_cast<Acc>(weight_(c)) : Acc(1)) * alpha;
+    std::vector<Index> apart;
+    for (Index c = 0; c < C_; ++c) {
+      const Wd kw = (affine ? static_cast<Wd>(static_cast<Acc>(weight_(c))) : Wd(1)) * static_cast<Wd>(alpha);
+      const Acc kc = static_cast<Acc>(kw);
+      const bool out = std::isfinite(kw) && (!std::isfinite(kc) || (kw != 0 && std::fabs(kc) < std::numeric_limits<Acc>::min()));
+      k[static_cast<std::size_t>(c)] = out ? Acc(0) : kc;
+      if (out) apart.push_back(c);
+    }
 
     const detail::Block3 v = detail::block3(dims, detail::traits_of<X>::row_major, axis, axis + 1);
+    std::vector<T> apart_dx;
+    apart_dx.reserve(apart.size() * static_cast<std::size_t>(v.outer * v.inner));
+    for (Index c : apart) {
+      const Wd kw = static_cast<Wd>(static_cast<Acc>(weight_(c))) * static_cast<Wd>(alpha);
+      for (Index o = 0; o < v.outer; ++o)
+        for (Index i = 0; i < v.inner; ++i) {
+          const Index e = (o * v.mid + c) * v.inner + i;
+          const Wd t = std::tanh(static_cast<Wd>(alpha) * static_cast<Wd>(static_cast<Acc>(x.data()[e])));
+          apart_dx.push_back(static_cast<T>(static_cast<Acc>(static_cast<Wd>(static_cast<Acc>(dy.data()[e])) * (1 - t * t) * kw)));
+        }
+    }
     const detail::ChannelGrads<Acc> g = detail::channel_map_backward<Dev, Acc>(
         dev, v, x.data(), dy.data(), dx.data(), cache.tanh.size() ? cache.tanh.data() : nullptr,
         detail::TanhMap<Acc>(alpha), k.data(), grads.work, stream_output(x));
+    std::size_t j = 0;
+    for (Index c : apart)
+      for (Index o = 0; o < v.outer; ++o)
+        for (Index i = 0; i < v.inner; ++i) dx.data()[(o * v.mid + c) * v.inner + i] = apart_dx[j++];
 
     // dalpha = sum_c weight[c] * sum(dy * s * x over channel c), in channel order and in
     // a wider type: C terms, so the cost is nothing and the order is fixed.
+    // Per-channel sums of finite values that overflowed Acc (dy near FLT_MAX): redone in
+    // the wider type, where they are what the weights multiply (a tiny weight brings
+    // dalpha back into range).
+    std::vector<Wd> dpc(g.dpc.begin(), g.dpc.end()), dscale(g.dscale.begin(), g.dscale.end()),
+        dshift(g.dshift.begin(), g.dshift.end());
+    for (Index c = 0; c < C_ && x.size() > 0; ++c) {
+      const std::size_t cu = static_cast<std::size_t>(c);
+      if (std::isfinite(dpc[cu]) && std::isfinite(dscale[cu]) && std::isfinite(dshift[cu])) continue;
+      Wd q = 0, sw = 0, sb = 0;
+      bool finite = true;
+      for (Index o = 0; o < v.outer; ++o)
+        for (Index i = 0; i < v.inner; ++i) {
+          const Index e = (o * v.mid + c) * v.inner + i;
+          const Wd xe = static_cast<Acc>(x.data()[e]), d = static_cast<Acc>(dy.data()[e]);
+          finite = finite && std::isfinite(xe) && std::isfinite(d);
+          const Wd t = std::tanh(static_cast<Wd>(alpha) * xe);
+          q += d * (1 - t * t) * xe;
+          sw += d * t;
+          sb += d;
+        }
+      if (!finite) continue;  // NaN and Inf stay in their channel
+      dpc[cu] = q;
+      dscale[cu] = sw;
+      dshift[cu] = sb;
+    }
+    // No values, no terms: 0 even where a weight is inf or NaN (as the elementwise sum).
     detail::wide_t<Acc> dalpha = 0;
-    for (Index c = 0; c < C_; ++c) {
-      const auto q = static_cast<detail::wide_t<Acc>>(g.dpc[static_cast<std::size_t>(c)]);
+    for (Index c = 0; c < C_ && x.size() > 0; ++c) {
+      const auto q = dpc[static_cast<std::size_t>(c)];
       dalpha += affine ? q * static_cast<detail::wide_t<Acc>>(static_cast<Acc>(weight_(c))) : q;
     }
     grads.alpha = static_cast<T>(static_cast<Acc>(dalpha));
     for (Index c = 0; c < C_; ++c) {
-      if (affine) grads.weight(c) = static_cast<T>(g.dscale[static_cast<std::size_t>(c)]);
-      if (with_bias) grads.bias(c) = static_cast<T>(g.dshift[static_cast<std::size_t>(c)]);
+      if (affine) grads.weight(c) = static_cast<T>(static_cast<Acc>(dscale[static_cast<std::size_t>(c)]));
+      if (with_bias) grads.bias(c) = static_cast<T>(static_cast<Acc>(dshift[static_cast<std::size_t>(c)]));
     }
   }
 
