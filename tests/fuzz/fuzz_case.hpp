@@ -460,7 +460,7 @@ class Case {
       want = nkref::normalize(!is_rms, true, xl, dyl, s, p);
     }
     if constexpr (!is_dyt) mask_groups_with_nonfinite_x(xl, s, !is_bn, want);
-    if (std::getenv("NORMKIT_FUZZ_VERBOSE")) dump(xl, p, want);
+    if (std::getenv("NORMKIT_FUZZ_VERBOSE")) dump(xl, dyl, p, want);
 
     expect_close<T>(cfg_, "y", to_ld(y.data(), order), want.y, want.y_scale);
 
@@ -491,13 +491,17 @@ class Case {
     }
     expect_close<T>(cfg_, "dx", to_ld(dx.data(), order), want.dx, want.dx_scale, &want.dx_amp);
     if (cfg_.affine) {
-      expect_close<T>(cfg_, "dweight", to_ld(grads.weight), want.dw, want.dw_scale);
+      expect_close<T>(cfg_, "dweight", to_ld(grads.weight), want.dw, want.dw_scale,
+                      want.dw_amp.empty() ? nullptr : &want.dw_amp);
       if constexpr (!is_rms)
         if (layer.bias().size()) expect_close<T>(cfg_, "dbias", to_ld(grads.bias), want.db, want.db_scale);
     }
     if constexpr (is_dyt)
+    {
+      const std::vector<LD> amp{1 + want.dalpha_amp};
       expect_close<T>(cfg_, "dalpha", {static_cast<LD>(static_cast<double>(grads.alpha))}, {want.dalpha},
-                      {want.dalpha_scale});
+                      {want.dalpha_scale}, &amp);
+    }
   }
 
   /// DESIGN.md: NaN and Inf in x propagate to the outputs they affect, never to other
@@ -564,13 +568,15 @@ class Case {
   }
 
   /// NORMKIT_FUZZ_VERBOSE=1: the decoded values, to turn a failing input into a test.
-  static void dump(const std::vector<LD>& x, const nkref::Params& p, const nkref::Result& want) {
+  static void dump(const std::vector<LD>& x, const std::vector<LD>& dy, const nkref::Params& p,
+                   const nkref::Result& want) {
     auto row = [](const char* name, const std::vector<LD>& v) {
       std::fprintf(stderr, "  %s:", name);
       for (LD e : v) std::fprintf(stderr, " %.17Lg", e);
       std::fprintf(stderr, "\n");
     };
     row("x (logical)", x);
+    row("dy (logical)", dy);
     row("weight", p.w);
     row("bias", p.b);
     row("mean", want.mean);

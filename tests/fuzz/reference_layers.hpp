@@ -41,7 +41,10 @@ struct Result {
   // How much dx amplifies the absolute error (denorm_min / 2 each) of subnormal
   // intermediates such as dy * w or g * xhat: the factors applied after them.
   std::vector<LD> dx_amp;
-  LD dalpha = 0, dalpha_scale = 0;
+  // The same for the parameter-gradient sums (DyT): every term may carry such an error,
+  // times the factors applied after it (dalpha: w and x; dweight: none).
+  std::vector<LD> dw_amp;
+  LD dalpha = 0, dalpha_scale = 0, dalpha_amp = 0;
   std::vector<LD> mean, var;  // per group (LN/RMS: outer*inner, BN: C); var biased
 };
 
@@ -154,6 +157,7 @@ inline Result dyt(const std::vector<LD>& x, const std::vector<LD>& dy, const Sha
   r.y_scale.assign(n, 0);
   r.dx_scale.assign(n, 0);
   r.dx_amp.assign(n, 1);
+  r.dw_amp.assign(static_cast<std::size_t>(s.C), 1);
   r.dw.assign(static_cast<std::size_t>(s.C), 0);
   r.db = r.dw;
   r.dw_scale = r.dw;
@@ -169,7 +173,11 @@ inline Result dyt(const std::vector<LD>& x, const std::vector<LD>& dy, const Sha
         r.y_scale[k] = std::fabs(p.wt(c)) + std::fabs(p.bs(c));
         r.dx[k] = gk * p.alpha * sech2;
         r.dx_scale[k] = std::fabs(gk * p.alpha);
-        r.dx_amp[k] = 1 + std::fabs(p.wt(c) * p.alpha);
+        // dx = dy * w * alpha * sech2 in any order: the subnormal intermediate may be
+        // dy * w (times alpha after it), dy * alpha (times w), or w * alpha (times dy).
+        r.dx_amp[k] = 1 + std::fabs(p.wt(c) * p.alpha) + std::fabs(dy[k]) * (1 + std::fabs(p.alpha)) * (1 + std::fabs(p.wt(c)));
+        r.dalpha_amp += (1 + std::fabs(x[k])) * (1 + std::fabs(p.wt(c)));
+        r.dw_amp[static_cast<std::size_t>(c)] += 1;
         r.dalpha += gk * x[k] * sech2;
         // 1 - t^2 loses its relative accuracy as t -> 1, down to an absolute error of
         // a few ulp; past |alpha x| ~ 20, t is 1 in any float format and the term is 0.
