@@ -7,8 +7,8 @@
 
 namespace {
 using nkbench::Index;
-using Tensor4 = Eigen::Tensor<float, 4, Eigen::RowMajor>;
-using Tensor2 = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+using Tensor4 = nkbench::PageTensor<4>;
+using Tensor2 = nkbench::PageTensor<2>;
 
 enum Shape { kNCHW = 0, kNHWC = 1, kNC = 2 };
 

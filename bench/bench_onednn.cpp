@@ -186,7 +186,8 @@ struct BatchNormSetup {
   std::array<Index, 4> dims;  // normkit's logical dims (RowMajor)
   Index channels, n;
   normkit::BatchNorm<float> bn;
-  std::vector<float> x, y, dy, dx, ref, mean, var, dweight, dbias;
+  nkbench::PageBuffer x, y, dy, dx, ref;
+  std::vector<float> mean, var, dweight, dbias;
   memory::desc md, cmd;
   using Map = Eigen::TensorMap<Eigen::Tensor<float, 4, Eigen::RowMajor>>;
 
@@ -214,7 +215,7 @@ struct BatchNormSetup {
     bn.weight().setRandom();
     bn.bias().setRandom();
   }
-  Map map(std::vector<float>& v) const { return Map(v.data(), dims); }
+  Map map(const nkbench::PageBuffer& v) const { return Map(v.data(), dims); }
   dnnl::batch_normalization_forward::primitive_desc forward_pd(dnnl::prop_kind kind, Flags extra = Flags::none) const {
     return {{kind, md, kEps, Flags::use_scale | Flags::use_shift | extra}, net().eng};
   }

@@ -228,7 +228,7 @@ struct BatchNormSetup {
   std::array<Index, 4> dims;  // normkit's logical dims (RowMajor)
   Index channels, n;
   normkit::BatchNorm<float> bn;
-  std::vector<float> x, y, dy, ref;
+  nkbench::PageBuffer x, y, dy, ref;
   using Map = Eigen::TensorMap<Eigen::Tensor<float, 4, Eigen::RowMajor>>;
 
   static std::array<Index, 4> dims_of(int s) {
@@ -247,9 +247,9 @@ struct BatchNormSetup {
     bn.weight().setRandom();
     bn.bias().setRandom();
   }
-  Map map(std::vector<float>& v) const { return Map(v.data(), dims); }
+  Map map(const nkbench::PageBuffer& v) const { return Map(v.data(), dims); }
   /// normkit's buffer as the N, C, ... tensor torch expects (channels_last for NHWC).
-  at::Tensor nchw(std::vector<float>& v) const {
+  at::Tensor nchw(const nkbench::PageBuffer& v) const {
     if (shape == kNC) return view(v.data(), {dims[0], dims[1]});
     const at::Tensor t = view(v.data(), {dims[0], dims[1], dims[2], dims[3]});
     return shape == kNHWC ? t.permute({0, 3, 1, 2}) : t;

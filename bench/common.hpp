@@ -10,6 +10,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -17,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <thread>
 #include <utility>
@@ -24,11 +26,77 @@
 
 #define EIGEN_USE_THREADS
 #include <unsupported/Eigen/CXX11/Tensor>
+#include <normkit/core/tensor.hpp>
 
 namespace nkbench {
 
 using Index = Eigen::Index;
-using RowTensor2 = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+
+/// Where every benchmark buffer starts: this many bytes into a page of its own.
+///
+/// The distance between two buffers modulo 4 KiB decides how often a load from one
+/// falsely waits on a store to the other (4K aliasing). With heap memory it changed from
+/// one benchmark to the next (glibc serves big blocks from the heap once earlier ones
+/// were freed), and with it the result: the same LayerNorm forward in cache measured 24
+/// or 37 GB/s, glibc's memcpy (the roofline) 6 or 65 GB/s. Here every tensor of every
+/// benchmark, normkit's and the peers', starts at the same offset into its first page,
+/// as large tensors do in most programs (each in pages of its own), so all of them
+/// meet the same layout.
+inline constexpr std::size_t kPageOffset = 64;
+
+/// n floats, zeroed, at kPageOffset bytes into fresh pages.
+class PageBuffer {
+ public:
+  explicit PageBuffer(std::size_t n) : n_(n) {
+    const std::size_t bytes = (n * sizeof(float) + kPageOffset + 4095) / 4096 * 4096;
+    mem_.reset(static_cast<char*>(std::aligned_alloc(4096, bytes)));
+    if (!mem_) throw std::bad_alloc();
+    std::fill_n(data(), n, 0.0f);
+  }
+  float* data() const { return reinterpret_cast<float*>(mem_.get() + kPageOffset); }
+  std::size_t size() const { return n_; }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  std::unique_ptr<char, Free> mem_;
+  std::size_t n_ = 0;
+};
+
+template <int Rank>
+using MapOf = Eigen::TensorMap<Eigen::Tensor<float, Rank, Eigen::RowMajor>>;
+
+/// A row-major float tensor in a PageBuffer: an Eigen::TensorMap that owns its memory
+/// (normkit takes it as the TensorMap it is, see the traits below).
+template <int Rank>
+class PageTensor : private PageBuffer, public MapOf<Rank> {
+ public:
+  template <class... I, class = std::enable_if_t<sizeof...(I) == Rank>>
+  explicit PageTensor(I... dims)
+      : PageBuffer(static_cast<std::size_t>((Index{1} * ... * static_cast<Index>(dims)))),
+        MapOf<Rank>(PageBuffer::data(), static_cast<Index>(dims)...) {}
+  explicit PageTensor(const std::array<Index, Rank>& d)
+      : PageBuffer(static_cast<std::size_t>(product(d))), MapOf<Rank>(PageBuffer::data(), d) {}
+  PageTensor(const PageTensor&) = delete;
+  /// Copies the values (the shapes must match), as Eigen::TensorMap's assignment does.
+  PageTensor& operator=(const PageTensor& other) {
+    MapOf<Rank>::operator=(static_cast<const MapOf<Rank>&>(other));
+    return *this;
+  }
+  using MapOf<Rank>::operator=;
+  using MapOf<Rank>::data;
+  using MapOf<Rank>::size;
+
+ private:
+  static Index product(const std::array<Index, Rank>& d) {
+    Index p = 1;
+    for (Index v : d) p *= v;
+    return p;
+  }
+};
+
+using RowTensor2 = PageTensor<2>;
 
 /// One pool per thread count, alive for the whole run.
 inline Eigen::ThreadPoolDevice& pool_device(int threads) {
@@ -55,11 +123,13 @@ void with_device(int threads, F&& f) {
   }
 }
 
-/// memcpy of n floats split over `threads` threads, best of a few timed repetitions.
+/// memcpy of n floats split over `threads` threads, best of a few timed repetitions,
+/// between buffers laid out as the benchmarks' tensors are (PageBuffer).
 /// Measured anew for every benchmark, right after it, so that the ratio compares two
 /// timings taken moments apart on a shared, noisy machine.
 inline double memcpy_gbps(Index n, int threads) {
-  std::vector<float> src(static_cast<std::size_t>(n), 1.0f), dst(static_cast<std::size_t>(n), 0.0f);
+  PageBuffer src(static_cast<std::size_t>(n)), dst(static_cast<std::size_t>(n));
+  std::fill_n(src.data(), n, 1.0f);
   auto copy = [&] {
     if (threads <= 1) {
       std::memcpy(dst.data(), src.data(), sizeof(float) * static_cast<std::size_t>(n));
@@ -166,3 +236,8 @@ inline void row_shapes(benchmark::internal::Benchmark* b) {
 }
 
 }  // namespace nkbench
+
+// normkit's layers take an nkbench::PageTensor as the TensorMap it derives from.
+template <int Rank>
+struct normkit::detail::tensor_traits<nkbench::PageTensor<Rank>>
+    : normkit::detail::tensor_traits<nkbench::MapOf<Rank>> {};
