@@ -13,8 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS="${JOBS:-2}"
 FUZZ_SECONDS="${FUZZ_SECONDS:-120}"
-# Which jobs to run (all by default; .ci/run runs asan, tsan and tidy: the fuzzer still
-# finds BatchNorm/DyT inputs off the reference, issue 7).
+# Which jobs to run (all by default, as .ci/run does).
 STEPS=" ${STEPS:-asan tsan fuzz tidy} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 

@@ -329,7 +329,7 @@ class BatchNorm {
     }
     std::vector<T> wide_y = wide_forward(x.data(), v, wide);
     detail::channel_map<T, Acc>(dev, x.data(), nullptr, y.data(), v,
-                                detail::ChannelMap<Acc>{m.data(), a.data(), b.data(), nullptr});
+                                detail::ChannelMap<Acc>{m.data(), a.data(), b.data(), nullptr, nullptr});
     detail::scatter_channels(wide_y.data(), v, wide, y.data());
     if (cache) fill_cache(*cache, dims, batch, m.data(), rs.data(), count, std::move(wide));
   }
@@ -534,7 +534,8 @@ class BatchNorm {
     // dx = k * dy (eval), as the map ((x - m) * a + dy) * k + b. Channels whose
     // coefficients leave Acc's range are done in long double.
     const double n = cache.count;
-    std::vector<Acc> a(static_cast<std::size_t>(C)), b(a.size()), k(a.size()), zero(a.size(), Acc(0));
+    std::vector<Acc> a(static_cast<std::size_t>(C)), b(a.size()), k(a.size()), g(a.size(), Acc(1)),
+        zero(a.size(), Acc(0));
     std::vector<WideGrad> wide;
     for (Index c = 0; c < C; ++c) {
       const detail::WideChannel* ww = was_wide[static_cast<std::size_t>(c)];
@@ -550,7 +551,7 @@ class BatchNorm {
         grads.weight(c) = static_cast<T>(static_cast<double>(sum_dy_xhat));
         grads.bias(c) = static_cast<T>(static_cast<double>(B));
       }
-      const long double k1 = w * r;
+      long double k1 = w * r;
       long double a1 = 0, b1 = 0;
       if (batch && n > 0) {
         a1 = -r * sum_dy_xhat / n;
@@ -558,9 +559,16 @@ class BatchNorm {
       }
       if (ww || out_of_range({k1, a1, b1})) {
         const long double mean = ww ? ww->mean : static_cast<long double>(m[c]) + corr;
-        wide.push_back({c, mean, r, k1, batch && n > 0 ? B / n : 0, batch && n > 0 ? sum_dy_xhat / n : 0});
+        wide.push_back({c, mean, r, k1, batch && n > 0 ? B / n : 0, batch && n > 0 ? sum_dy_xhat / n : 0, batch});
         a[c] = b[c] = k[c] = Acc(0);  // the vector pass writes 0; the wide pass the values
         continue;
+      }
+      // With |k| <= 1, ((x - m) * (a k) + dy * k) * 1 + b: the inner sum cannot overflow
+      // where dx does not (dy near the format's maximum), unless a k leaves Acc's range.
+      if (batch && std::fabs(k1) <= 1 && !out_of_range({a1 * k1})) {
+        a1 *= k1;
+        g[c] = static_cast<Acc>(k1);
+        k1 = 1;
       }
       a[c] = static_cast<Acc>(a1);
       b[c] = static_cast<Acc>(b1);
@@ -570,20 +578,23 @@ class BatchNorm {
     std::vector<T> wide_dx = wide_backward(x.data(), dy.data(), v, wide);
     if (batch)
       detail::channel_map<T, Acc>(dev, x.data(), dy.data(), dx.data(), v,
-                                  detail::ChannelMap<Acc>{m, a.data(), b.data(), k.data()});
+                                  detail::ChannelMap<Acc>{m, a.data(), b.data(), k.data(), g.data()});
     else  // dx = k * dy: the map with dy in the place of x
       detail::channel_map<T, Acc>(dev, dy.data(), nullptr, dx.data(), v,
-                                  detail::ChannelMap<Acc>{zero.data(), k.data(), zero.data(), nullptr});
+                                  detail::ChannelMap<Acc>{zero.data(), k.data(), zero.data(), nullptr, nullptr});
     std::vector<detail::WideChannel> channels;
     channels.reserve(wide.size());
     for (const WideGrad& w : wide) channels.push_back({w.channel, 0, 0});
     detail::scatter_channels(wide_dx.data(), v, channels, dx.data());
   }
 
-  /// A channel of backward in long double: dx = k * (dy - mean_dy - xhat * mean_dy_xhat).
+  /// A channel of backward in long double: dx = k * (dy - mean_dy - xhat * mean_dy_xhat)
+  /// with batch statistics, dx = k * dy without (x and the running mean not read: a
+  /// NaN running mean does not reach dx, as in the vector pass).
   struct WideGrad {
     Index channel;
     long double mean, invstd, k, mean_dy, mean_dy_xhat;
+    bool batch;
   };
 
   static bool out_of_range(std::initializer_list<long double> coefficients) {
@@ -599,8 +610,12 @@ class BatchNorm {
     std::size_t j = 0;
     for (const WideGrad& w : wide)
       detail::for_each_in_channel(v, w.channel, [&](Index i) {
-        const long double xhat = (static_cast<long double>(static_cast<double>(x[i])) - w.mean) * w.invstd;
         const long double g = static_cast<double>(dy[i]);
+        if (!w.batch) {
+          out[j++] = static_cast<T>(static_cast<double>(w.k * g));
+          return;
+        }
+        const long double xhat = (static_cast<long double>(static_cast<double>(x[i])) - w.mean) * w.invstd;
         out[j++] = static_cast<T>(static_cast<double>(w.k * (g - w.mean_dy - xhat * w.mean_dy_xhat)));
       });
     return out;

@@ -474,19 +474,22 @@ void exact_channel_moments(const T* x, const ChannelView& v, Index c, long doubl
 // ---- the per-channel affine map ---------------------------------------------------
 
 /// Per-channel coefficients of out = (x - m) * a + b, or with dy of
-/// out = ((x - m) * a + dy) * k + b. The second form is BatchNorm's training backward
-/// dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)) with k = weight * rstd and
+/// out = ((x - m) * a + dy * g) * k + b. The second form is BatchNorm's training
+/// backward dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)) with k = weight * rstd and
 /// a = -rstd * mean(dy * xhat): no coefficient holds rstd^2, which leaves the float
-/// range (std > 1e19) long before the result does.
+/// range (std > 1e19) long before the result does. g lets a channel with |k| <= 1 fold
+/// k into a and g (k = 1), so that the inner sum cannot overflow where the result does
+/// not (dy near FLT_MAX scaled down by k).
 template <class Acc>
 struct ChannelMap {
   const Acc* m;
   const Acc* a;
   const Acc* b;
   const Acc* k;  // null: no dy term
+  const Acc* g;  // the dy coefficient; used with k
 };
 
-/// out = (x - m) * a + b, or ((x - m) * a + dy) * k + b, over the whole tensor; out may
+/// out = (x - m) * a + b, or ((x - m) * a + dy * g) * k + b, over the whole tensor; out may
 /// alias x or dy.
 /// (x - m) first, not x * a + (b - m * a): with a large offset, x * a would round away
 /// the spread that the normalization is for. Rows go last to first: the statistics
@@ -509,10 +512,10 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
         const T* xr = x + off;
         T* yr = out + off;
         if (has_dy) {
-          const P pk = pset1<P>(p.k[c]);
+          const P pk = pset1<P>(p.k[c]), pg = pset1<P>(p.g[c]);
           const T* gr = dy + off;
           for_each_packet<Acc>(yr, v.inner, stream, [&](Index j, Index n, bool st) {
-            const P t = pmadd(psub(load_n<Acc>(xr + j, n), pm), pa, load_n<Acc>(gr + j, n));
+            const P t = pmadd(psub(load_n<Acc>(xr + j, n), pm), pa, pmul(load_n<Acc>(gr + j, n), pg));
             store_n<Acc>(yr + j, pmadd(t, pk, pb), n, st);
           });
         } else {
@@ -531,17 +534,19 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
   // cols + W entries, so that a packet starting at any column reads them contiguously.
   constexpr Index W = packet_size<Acc>;
   const Index cols = v.cols(), reps = (cols + W + cols - 1) / cols, len = reps * cols;
-  std::vector<Acc> coef(static_cast<std::size_t>(4 * len));
+  std::vector<Acc> coef(static_cast<std::size_t>(5 * len));
   Acc* cm = coef.data();
   Acc* ca = cm + len;
   Acc* cb = ca + len;
   Acc* ck = cb + len;
+  Acc* cg = ck + len;
   for (Index j = 0; j < len; ++j) {
     const Index c = (j % cols) / v.inner;
     cm[j] = p.m[c];
     ca[j] = p.a[c];
     cb[j] = p.b[c];
     ck[j] = has_dy ? p.k[c] : Acc(0);
+    cg[j] = has_dy ? p.g[c] : Acc(0);
   }
   const Index chunks = (v.outer + kChunkRows - 1) / kChunkRows;
   parallel_for(dev, chunks, bytes * cols * kChunkRows, 3.0 * cols * kChunkRows, [&](Index c0, Index c1) {
@@ -558,7 +563,7 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
         const T* gc = dy + off;
         for_each_packet<Acc>(yc, n, stream, [&](Index e, Index cnt, bool st) {
           const P d = psub(load_n<Acc>(xc + e, cnt), load_n<Acc>(cm + j, cnt));
-          const P t = pmadd(d, load_n<Acc>(ca + j, cnt), load_n<Acc>(gc + e, cnt));
+          const P t = pmadd(d, load_n<Acc>(ca + j, cnt), pmul(load_n<Acc>(gc + e, cnt), load_n<Acc>(cg + j, cnt)));
           store_n<Acc>(yc + e, pmadd(t, load_n<Acc>(ck + j, cnt), load_n<Acc>(cb + j, cnt)), cnt, st);
           next(cnt);
         });
