@@ -9,9 +9,19 @@
 // 2. LayerNorm<double> on a row whose squares overflow double (|x| ~ 1e207) with a large
 //    offset (spread 1e198): the long-double fallback formed x - mean in one piece and
 //    lost the spread's leading digits (relative error 5e-10 in y).
+// 3. LayerNorm<float> ColMajor (the strided column kernels), 1320 equal features: the
+//    backward's sum(g) ran down the features in one running sum, 110 ulp off, so that
+//    dx = rstd * (g - mean(g)) was 6e-6 where it is 0 (replay input 146695).
+// 4. BatchNorm<float> with batch statistics and dy near FLT_MAX: the backward map
+//    ((x - m) * a + dy) * k + b overflowed in its inner sum although dx is 0.1
+//    (replay input 8471).
+// 5. BatchNorm<double> eval backward with a subnormal weight * rstd (the long-double
+//    path): it read the running mean, and a NaN running mean gave NaN dx, although eval
+//    dx = dy * weight * rstd does not involve it (replay input 157031).
 #include <gtest/gtest.h>
 #include <normkit/normkit.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -91,6 +101,109 @@ TEST(LayerNormWideRowTest, HugeOffsetRowMatchesTheReference) {
       EXPECT_NEAR(dxr(0, i), static_cast<double>(want.dx[k]), static_cast<double>(tol * want.dx_scale[k]))
           << "dx[" << i << "], layout " << layout;
     }
+  }
+}
+
+// 64 unit roundoffs of the accumulation type times the terms' magnitude, plus the
+// rounding of the result to T: the fuzz target's criterion.
+template <class Acc>
+void expect_like_fuzz(const char* what, const std::vector<double>& got, const std::vector<nkref::LD>& want,
+                      const std::vector<nkref::LD>& scale) {
+  const long double u = std::numeric_limits<Acc>::epsilon() / 2;
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const long double allowed = 64 * u * scale[i] + u * std::fabs(want[i]);
+    EXPECT_LE(std::fabs(got[i] - want[i]), allowed)
+        << what << "[" << i << "] = " << got[i] << ", reference " << static_cast<double>(want[i]);
+  }
+}
+
+TEST(LayerNormColumnTest, EqualFeaturesGiveZeroDx) {
+  // The fuzz case: ColMajor [10, 12, 11] normalized over all three dims, x = dy = -4,
+  // weight 6.8999, bias large, eps 1000.
+  const Index a = 10, b = 12, c = 11;
+  normkit::LayerNorm<float> layer({a, b, c}, normkit::LayerNormOptions().eps(1000));
+  layer.weight().setConstant(6.89990234375f);
+  layer.bias().setConstant(-8.79e12f);
+  Eigen::Tensor<float, 3, Eigen::ColMajor> x(a, b, c), y(a, b, c), dy(a, b, c), dx(a, b, c);
+  x.setConstant(-4.0f);
+  dy.setConstant(-4.0f);
+  normkit::LayerNorm<float>::Cache cache;
+  normkit::LayerNorm<float>::Grads grads;
+  layer.forward(x, y, cache);
+  layer.backward(x, dy, cache, dx, grads);
+  // dx = rstd * (g - mean(g) - xhat * mean(g xhat)) with g constant and xhat = 0: 0; the
+  // fuzz target allows 64 u * rstd * |g| (3.3e-6; it was 6.2e-6).
+  const double scale = 6.89990234375 * 4 / std::sqrt(1000.0);
+  const double allowed = 64 * std::ldexp(1.0, -24) * scale;
+  for (Index k = 0; k < x.size(); ++k) ASSERT_LE(std::fabs(dx.data()[k]), allowed) << "dx[" << k << "]";
+}
+
+TEST(BatchNormOverflowTest, DyNearFloatMaxBatchStatistics) {
+  const std::vector<float> xs = {1.94580078125f, 0.57421875f, 2.187744140625f, -1.7266845703125f, -3.8907470703125f,
+                                 -1.3785400390625f, -2.515380859375f, 1.9471435546875f, -3.3848876953125f,
+                                 -0.5545654296875f, -0.1956787109375f, -0.8382568359375f, -3.927001953125f,
+                                 3.4437255859375f, 2.48583984375f, 3.79736328125f, -3.4384765625f, 2.549560546875f,
+                                 -3.5955810546875f, -0.0908203125f, -1.1827392578125f, 3.039306640625f,
+                                 2.23486328125f, -2.5916748046875f, 3.7362060546875f, -2.192626953125f,
+                                 -3.549072265625f, 2.86083984375f, -1.865966796875f, -2.2723388671875f,
+                                 3.1822509765625f, -3.8297119140625f, -3.5648193359375f, -1.60205078125f,
+                                 -2.891357421875f, -2.8131103515625f};
+  const std::vector<float> head = {-1.2543549736727956e+38f, 1.4572699349043367e+38f, -2.1920836849121375e+38f,
+                                   1.6258118909323772e+38f,  3.2911890839267898e+38f, -3.9939144900548694e+37f,
+                                   1.3570586055346145e+38f,  -8.4167127006247155e+37f, 8.8258651860170198e+37f,
+                                   1.002009346348003e+38f,   -1.2091819910035426e+38f, 1.6617425851934382e+38f,
+                                   -2.0296686391771681e+38f, 1.3909123810522616e+38f, 1.7637191940830142e+38f,
+                                   -2.4798407261061136e+37f, -1.8898920077454105e+38f, 2.9544167096822209e+38f,
+                                   -1.7585268972244794e+38f, -1.3596547539638819e+38f};
+  std::vector<float> dys(xs.size(), -std::numeric_limits<float>::max());
+  std::copy(head.begin(), head.end(), dys.begin());
+  // [4, 9, 1] with the channel last: one channel of 36 values; eval without running
+  // statistics uses the batch's, as PyTorch does.
+  normkit::BatchNorm<float> bn(1, normkit::BatchNormOptions().eps(1000).affine(false).track_running_stats(false).channel_axis(2));
+  bn.eval();
+  Eigen::Tensor<float, 3, Eigen::RowMajor> x(4, 9, 1), y(4, 9, 1), dy(4, 9, 1), dx(4, 9, 1);
+  std::copy(xs.begin(), xs.end(), x.data());
+  std::copy(dys.begin(), dys.end(), dy.data());
+  normkit::BatchNorm<float>::Cache cache;
+  normkit::BatchNorm<float>::Grads grads;
+  bn.forward(x, y, cache);
+  bn.backward(x, dy, cache, dx, grads);
+  const nkref::Shape3 s{36, 1, 1};
+  const std::vector<nkref::LD> xl(xs.begin(), xs.end()), dyl(dys.begin(), dys.end());
+  nkref::Params p;
+  p.eps = 1000;
+  const nkref::Result want = nkref::normalize(true, false, xl, dyl, s, p);
+  expect_like_fuzz<float>("dx", std::vector<double>(dx.data(), dx.data() + dx.size()), want.dx, want.dx_scale);
+}
+
+TEST(BatchNormOverflowTest, EvalDxIgnoresANaNRunningMean) {
+  // Channel 1: running mean NaN, weight subnormal (weight * rstd is computed in long
+  // double); eval dx = dy * weight / sqrt(running_var + eps) must not see the mean.
+  normkit::BatchNorm<double> bn(2, normkit::BatchNormOptions().eps(1e-300));
+  bn.weight()(0) = 2.0;
+  bn.weight()(1) = 1.6057133489840513e-321;
+  bn.running_mean()(0) = 0.5;
+  bn.running_mean()(1) = std::numeric_limits<double>::quiet_NaN();
+  bn.running_var()(0) = 2.0;
+  bn.running_var()(1) = 1.6322021484375;
+  bn.eval();
+  Eigen::Tensor<double, 2, Eigen::RowMajor> x(7, 2), y(7, 2), dy(7, 2), dx(7, 2);
+  for (Index r = 0; r < 7; ++r) {
+    x(r, 0) = 0.25 * static_cast<double>(r) - 1;
+    x(r, 1) = 1e3 * static_cast<double>(r);
+    dy(r, 0) = dy(r, 1) = -4;
+  }
+  normkit::BatchNorm<double>::Cache cache;
+  normkit::BatchNorm<double>::Grads grads;
+  bn.forward(x, y, cache);
+  bn.backward(x, dy, cache, dx, grads);
+  const long double k1 = 1.6057133489840513e-321L / std::sqrt(1.6322021484375L + 1e-300L);
+  const double want1 = static_cast<double>(-4 * k1), want0 = static_cast<double>(-4 * 2.0L / std::sqrt(2.0L + 1e-300L));
+  for (Index r = 0; r < 7; ++r) {
+    EXPECT_NEAR(dx(r, 0), want0, 4 * std::numeric_limits<double>::epsilon()) << "row " << r;
+    ASSERT_TRUE(std::isfinite(dx(r, 1))) << "row " << r;
+    EXPECT_NEAR(dx(r, 1), want1, 2 * std::numeric_limits<double>::denorm_min()) << "row " << r;
   }
 }
 
