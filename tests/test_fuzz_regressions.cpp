@@ -15,6 +15,11 @@
 // 4. BatchNorm<float> with batch statistics and dy near FLT_MAX: the backward map
 //    ((x - m) * a + dy) * k + b overflowed in its inner sum although dx is 0.1
 //    (replay input 8471).
+// 6. RMSNorm<double> ColMajor (column kernels): sum(g * (x - m)) underflowed with
+//    subnormal weights and x ~ 1e-27, where sum(g * xhat) does not (input 183254); the
+//    first fix, which took rstd out of that sum, left dx = rstd * (g - xhat * mean(g xhat))
+//    to overflow in the difference with dy near -DBL_MAX where dx is ~1e306 (input 3345):
+//    DyNearDoubleMax fails on that intermediate form, SubnormalWeightsTinyValues before.
 // 5. BatchNorm<double> eval backward with a subnormal weight * rstd (the long-double
 //    path): it read the running mean, and a NaN running mean gave NaN dx, although eval
 //    dx = dy * weight * rstd does not involve it (replay input 157031).
@@ -105,14 +110,16 @@ TEST(LayerNormWideRowTest, HugeOffsetRowMatchesTheReference) {
 }
 
 // 64 unit roundoffs of the accumulation type times the terms' magnitude, plus the
-// rounding of the result to T: the fuzz target's criterion.
+// rounding of the result to T, plus 64 subnormal steps times how much the operations
+// after a subnormal intermediate amplify its rounding: the fuzz target's criterion.
 template <class Acc>
 void expect_like_fuzz(const char* what, const std::vector<double>& got, const std::vector<nkref::LD>& want,
-                      const std::vector<nkref::LD>& scale) {
+                      const std::vector<nkref::LD>& scale, const std::vector<nkref::LD>& amp) {
   const long double u = std::numeric_limits<Acc>::epsilon() / 2;
+  const long double tiny = 64 * static_cast<long double>(std::numeric_limits<Acc>::denorm_min());
   ASSERT_EQ(got.size(), want.size());
   for (std::size_t i = 0; i < got.size(); ++i) {
-    const long double allowed = 64 * u * scale[i] + u * std::fabs(want[i]);
+    const long double allowed = 64 * u * scale[i] + u * std::fabs(want[i]) + tiny * amp[i];
     EXPECT_LE(std::fabs(got[i] - want[i]), allowed)
         << what << "[" << i << "] = " << got[i] << ", reference " << static_cast<double>(want[i]);
   }
@@ -174,7 +181,8 @@ TEST(BatchNormOverflowTest, DyNearFloatMaxBatchStatistics) {
   nkref::Params p;
   p.eps = 1000;
   const nkref::Result want = nkref::normalize(true, false, xl, dyl, s, p);
-  expect_like_fuzz<float>("dx", std::vector<double>(dx.data(), dx.data() + dx.size()), want.dx, want.dx_scale);
+  expect_like_fuzz<float>("dx", std::vector<double>(dx.data(), dx.data() + dx.size()), want.dx, want.dx_scale,
+                          want.dx_amp);
 }
 
 TEST(BatchNormOverflowTest, EvalDxIgnoresANaNRunningMean) {
@@ -205,6 +213,63 @@ TEST(BatchNormOverflowTest, EvalDxIgnoresANaNRunningMean) {
     ASSERT_TRUE(std::isfinite(dx(r, 1))) << "row " << r;
     EXPECT_NEAR(dx(r, 1), want1, 2 * std::numeric_limits<double>::denorm_min()) << "row " << r;
   }
+}
+
+// RMSNorm<double> over the last dim of a ColMajor [rows, F] tensor against the reference,
+// with the fuzz target's criterion; the same rows RowMajor (the row kernels) too.
+void check_rms_rows(const std::vector<double>& xs, const std::vector<double>& dys, Index F, double eps,
+                    const std::vector<double>& w) {
+  const Index rows = static_cast<Index>(xs.size()) / F;
+  normkit::RMSNorm<double> layer({F}, normkit::RMSNormOptions().eps(eps).elementwise_affine(!w.empty()));
+  for (Index f = 0; f < static_cast<Index>(w.size()); ++f) layer.weight()(f) = w[static_cast<std::size_t>(f)];
+  const nkref::Shape3 s{static_cast<long>(rows), static_cast<long>(F), 1};
+  nkref::Params p;
+  p.eps = eps;
+  p.w.assign(w.begin(), w.end());
+  const std::vector<nkref::LD> xl(xs.begin(), xs.end()), dyl(dys.begin(), dys.end());
+  const nkref::Result want = nkref::normalize(false, true, xl, dyl, s, p);
+  auto run = [&](auto layout_tag) {
+    constexpr int L = decltype(layout_tag)::value;
+    Eigen::Tensor<double, 2, L> x(rows, F), y(rows, F), dy(rows, F), dx(rows, F);
+    for (Index r = 0; r < rows; ++r)
+      for (Index f = 0; f < F; ++f) {
+        x(r, f) = xs[static_cast<std::size_t>(r * F + f)];
+        dy(r, f) = dys[static_cast<std::size_t>(r * F + f)];
+      }
+    normkit::RMSNorm<double>::Cache cache;
+    normkit::RMSNorm<double>::Grads grads;
+    layer.forward(x, y, cache);
+    layer.backward(x, dy, cache, dx, grads);
+    std::vector<double> got;
+    for (Index r = 0; r < rows; ++r)
+      for (Index f = 0; f < F; ++f) got.push_back(dx(r, f));
+    expect_like_fuzz<double>(L == Eigen::RowMajor ? "dx RowMajor" : "dx ColMajor", got, want.dx, want.dx_scale,
+                             want.dx_amp);
+  };
+  run(std::integral_constant<int, Eigen::ColMajor>{});
+  run(std::integral_constant<int, Eigen::RowMajor>{});
+}
+
+TEST(RMSNormColumnTest, DyNearDoubleMax) {
+  const Index rows = 10, F = 11;
+  std::vector<double> xs, dys;
+  for (Index k = 0; k < rows * F; ++k) {
+    xs.push_back(-4 + 8 * std::fmod(0.6180339887498949 * static_cast<double>(k + 1), 1.0));
+    dys.push_back(k % 9 == 4 ? 0.5 * std::numeric_limits<double>::max() : -std::numeric_limits<double>::max());
+  }
+  check_rms_rows(xs, dys, F, 1000, {});
+}
+
+TEST(RMSNormColumnTest, SubnormalWeightsTinyValues) {
+  const std::vector<double> row = {-1.1519795564000276e-27, 2.5417630543532515e-224, 0, 0, 0};
+  const std::vector<double> w = {-4.1452107686080585e-321, 1.719348447527538e-321, 1.3833838083554903e-322,
+                                 7.5592043813710721e-322, -3.0730883171325535e-321};
+  std::vector<double> xs, dys;
+  for (int r = 0; r < 3; ++r) {
+    xs.insert(xs.end(), row.begin(), row.end());
+    dys.insert(dys.end(), row.size(), -4.0);
+  }
+  check_rms_rows(xs, dys, 5, std::numeric_limits<double>::min(), w);
 }
 
 }  // namespace
