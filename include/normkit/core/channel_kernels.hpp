@@ -489,6 +489,52 @@ struct ChannelMap {
   const Acc* g;  // the dy coefficient; used with k
 };
 
+/// One run of a row-path channel: out = (x - m) * a + b, or ((x - m) * a + dy * g) * k + b.
+/// A function of its own with everything by value: the stores go through may-alias
+/// vector types, and a loop that reads its pointers and constants through a lambda's
+/// references reloads them after every store. Never inlined: one copy of the code for
+/// every device type, so that even the sign of a NaN (which operand an FMA passes on)
+/// is the same for any thread count.
+template <bool HasDy, class Acc, class T>
+EIGEN_DONT_INLINE void run_map(const T* x, const T* dy, T* out, Index n, Acc m, Acc a, Acc b, Acc k, Acc g,
+             bool stream) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  const P pm = pset1<P>(m), pa = pset1<P>(a), pb = pset1<P>(b), pk = pset1<P>(k),
+          pg = pset1<P>(g);
+  for_each_packet<Acc>(out, n, stream, [&](Index j, Index cnt, auto st) {
+    const P d = psub(load_n<Acc>(x + j, cnt), pm);
+    if constexpr (HasDy) {
+      const P t = pmadd(d, pa, pmul(load_n<Acc>(dy + j, cnt), pg));
+      store_n<Acc>(out + j, pmadd(t, pk, pb), cnt, st);
+    } else {
+      store_n<Acc>(out + j, pmadd(d, pa, pb), cnt, st);
+    }
+  });
+}
+
+/// One contiguous chunk of the column path, n elements starting at column 0: element e
+/// takes the coefficients of its column, repeated in cm..cg so that a packet starting
+/// at any column reads them contiguously. By value and never inlined, as run_map.
+template <bool HasDy, class Acc, class T>
+EIGEN_DONT_INLINE void chunk_map(const T* x, const T* dy, T* out, Index n, Index cols, const Acc* cm,
+               const Acc* ca, const Acc* cb, const Acc* ck, const Acc* cg, bool stream) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  Index j = 0;  // the column of element e
+  for_each_packet<Acc>(out, n, stream, [&](Index e, Index cnt, auto st) {
+    const P d = psub(load_n<Acc>(x + e, cnt), load_n<Acc>(cm + j, cnt));
+    if constexpr (HasDy) {
+      const P t = pmadd(d, load_n<Acc>(ca + j, cnt),
+                        pmul(load_n<Acc>(dy + e, cnt), load_n<Acc>(cg + j, cnt)));
+      store_n<Acc>(out + e, pmadd(t, load_n<Acc>(ck + j, cnt), load_n<Acc>(cb + j, cnt)), cnt, st);
+    } else {
+      store_n<Acc>(out + e, pmadd(d, load_n<Acc>(ca + j, cnt), load_n<Acc>(cb + j, cnt)), cnt, st);
+    }
+    for (j += cnt; j >= cols;) j -= cols;
+  });
+}
+
 /// out = (x - m) * a + b, or ((x - m) * a + dy * g) * k + b, over the whole tensor; out may
 /// alias x or dy.
 /// (x - m) first, not x * a + (b - m * a): with a large offset, x * a would round away
@@ -498,7 +544,6 @@ struct ChannelMap {
 template <class T, class Acc, class Dev>
 void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelView& v, ChannelMap<Acc> p) {
   using namespace simd;
-  using P = packet_t<Acc>;
   if (v.size() == 0) return;
   const bool stream = can_stream_v<T> && static_cast<std::size_t>(v.size()) * sizeof(T) >= kStreamBytes;
   const bool has_dy = dy != nullptr;
@@ -508,21 +553,11 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
     parallel_for(dev, rows, bytes * v.inner, 3.0 * v.inner, [&](Index r0, Index r1) {
       for (Index i = r0; i < r1; ++i) {
         const Index r = rows - 1 - i, c = r % v.C, off = r * v.inner;
-        const P pm = pset1<P>(p.m[c]), pa = pset1<P>(p.a[c]), pb = pset1<P>(p.b[c]);
-        const T* xr = x + off;
-        T* yr = out + off;
-        if (has_dy) {
-          const P pk = pset1<P>(p.k[c]), pg = pset1<P>(p.g[c]);
-          const T* gr = dy + off;
-          for_each_packet<Acc>(yr, v.inner, stream, [&](Index j, Index n, bool st) {
-            const P t = pmadd(psub(load_n<Acc>(xr + j, n), pm), pa, pmul(load_n<Acc>(gr + j, n), pg));
-            store_n<Acc>(yr + j, pmadd(t, pk, pb), n, st);
-          });
-        } else {
-          for_each_packet<Acc>(yr, v.inner, stream, [&](Index j, Index n, bool st) {
-            store_n<Acc>(yr + j, pmadd(psub(load_n<Acc>(xr + j, n), pm), pa, pb), n, st);
-          });
-        }
+        const Acc k = has_dy ? p.k[c] : Acc(0), g = has_dy ? p.g[c] : Acc(0);
+        if (has_dy)
+          run_map<true>(x + off, dy + off, out + off, v.inner, p.m[c], p.a[c], p.b[c], k, g, stream);
+        else
+          run_map<false>(x + off, dy, out + off, v.inner, p.m[c], p.a[c], p.b[c], k, g, stream);
       }
       if (stream) stream_fence();
     });
@@ -553,27 +588,10 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
     for (Index i = c0; i < c1; ++i) {
       const Index r0 = (chunks - 1 - i) * kChunkRows, off = r0 * cols;
       const Index n = std::min(kChunkRows, v.outer - r0) * cols;
-      const T* xc = x + off;
-      T* yc = out + off;
-      Index j = 0;  // the column of element e
-      auto next = [&](Index cnt) {
-        for (j += cnt; j >= cols;) j -= cols;
-      };
-      if (has_dy) {
-        const T* gc = dy + off;
-        for_each_packet<Acc>(yc, n, stream, [&](Index e, Index cnt, bool st) {
-          const P d = psub(load_n<Acc>(xc + e, cnt), load_n<Acc>(cm + j, cnt));
-          const P t = pmadd(d, load_n<Acc>(ca + j, cnt), pmul(load_n<Acc>(gc + e, cnt), load_n<Acc>(cg + j, cnt)));
-          store_n<Acc>(yc + e, pmadd(t, load_n<Acc>(ck + j, cnt), load_n<Acc>(cb + j, cnt)), cnt, st);
-          next(cnt);
-        });
-      } else {
-        for_each_packet<Acc>(yc, n, stream, [&](Index e, Index cnt, bool st) {
-          const P d = psub(load_n<Acc>(xc + e, cnt), load_n<Acc>(cm + j, cnt));
-          store_n<Acc>(yc + e, pmadd(d, load_n<Acc>(ca + j, cnt), load_n<Acc>(cb + j, cnt)), cnt, st);
-          next(cnt);
-        });
-      }
+      if (has_dy)
+        chunk_map<true>(x + off, dy + off, out + off, n, cols, cm, ca, cb, ck, cg, stream);
+      else
+        chunk_map<false>(x + off, dy, out + off, n, cols, cm, ca, cb, ck, cg, stream);
     }
     if (stream) stream_fence();
   });

@@ -182,13 +182,13 @@ void row_forward(const T* x, T* y, Index n, Acc eps, Affine<T> p, bool stream, A
   };
   // Pass 3 also prefetches the next row (contiguous after this one).
   if (fast) {
-    for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, bool st) {
+    for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, auto st) {
       prefetch(x, n + i);
       const P v = pmadd(load_n<Acc>(x + i, cnt), pr, pnmr);
       store_n<Acc>(y + i, affine(v, i, cnt), cnt, st);
     });
   } else {
-    for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, bool st) {
+    for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, auto st) {
       prefetch(x, n + i);
       const P v = pmul(psub(psub(load_n<Acc>(x + i, cnt), pm), pd), pr);
       store_n<Acc>(y + i, affine(v, i, cnt), cnt, st);
@@ -226,6 +226,89 @@ void row_backward_wide(const T* x, const T* dy, T* dx, Index n, Index stride, Ac
   }
 }
 
+/// xhat of a packet of x, formed as the forward pass formed it: fma(x, rstd, -mean * rstd)
+/// (Fast), or ((x - mean) - c) * rstd for rows with a large offset (see kFastOffset).
+/// A value, not a lambda over references: the kernels' stores go through may-alias
+/// vector types, and a loop that reads its constants through references reloads them
+/// after every store.
+template <bool Fast, class Acc>
+struct RowXhat {
+  using P = packet_t<Acc>;
+  P r, nmr, m, c;
+  RowXhat(Acc mean, Acc rstd, Acc corr)
+      : r(simd::pset1<P>(rstd)),
+        nmr(simd::pset1<P>(-mean * rstd)),
+        m(simd::pset1<P>(mean)),
+        c(simd::pset1<P>(corr)) {}
+  EIGEN_STRONG_INLINE P operator()(const P& v) const {
+    using namespace simd;
+    if constexpr (Fast)
+      return pmadd(v, r, nmr);
+    else
+      return pmul(psub(psub(v, m), c), r);
+  }
+};
+
+/// g = dy * w on a packet (or dy without weight).
+template <bool HasW, class Acc, class T>
+EIGEN_STRONG_INLINE packet_t<Acc> times_weight(const packet_t<Acc>& d, const T* w, Index i,
+                                               Index cnt) {
+  if constexpr (HasW)
+    return simd::pmul(d, simd::load_n<Acc>(w + i, cnt));
+  else
+    return d;
+}
+
+/// Pass 1 of row_backward: B = sum(g), C = sum(g * xhat), two accumulators each to keep
+/// the dependency chains short; the tail in packets too (zero-filled lanes add g = 0).
+template <bool HasW, class Acc, class T, class Xhat>
+void row_grad_sums(const T* x, const T* dy, const T* w, Index n, const Xhat xhat, Acc& B,
+                   Acc& C) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  P b0 = zero<Acc>(), b1 = zero<Acc>(), c0 = zero<Acc>(), c1 = zero<Acc>();
+  Index i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const P g0 = times_weight<HasW, Acc>(load<Acc>(dy + i), w, i, W);
+    const P g1 = times_weight<HasW, Acc>(load<Acc>(dy + i + W), w, i + W, W);
+    b0 = padd(b0, g0);
+    b1 = padd(b1, g1);
+    c0 = pmadd(g0, xhat(load<Acc>(x + i)), c0);
+    c1 = pmadd(g1, xhat(load<Acc>(x + i + W)), c1);
+  }
+  for (; i < n; i += W) {
+    const Index cnt = std::min(W, n - i);
+    const P g = times_weight<HasW, Acc>(load_n<Acc>(dy + i, cnt), w, i, cnt);
+    b0 = padd(b0, g);
+    c0 = pmadd(g, xhat(load_n<Acc>(x + i, cnt)), c0);
+  }
+  B = predux(padd(b0, b1));
+  C = predux(padd(c0, c1));
+}
+
+/// Pass 2 of row_backward: dx = fma(g, rstd, k0) + xhat * nk1, dw += dy * xhat,
+/// db += dy; prefetches the next row. Which partials exist is a template argument, so
+/// the loop has no branch.
+template <bool HasW, bool HasDW, bool HasDB, class Acc, class T, class Xhat>
+void row_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Acc* dw, Acc* db,
+                    const Xhat xhat, const packet_t<Acc> k0, const packet_t<Acc> nk1,
+                    bool stream) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  const P r = xhat.r;
+  for_each_packet<Acc>(dx, n, stream, [&](Index j, Index cnt, auto st) {
+    prefetch(x, n + j);
+    prefetch(dy, n + j);
+    const P xh = xhat(load_n<Acc>(x + j, cnt));
+    const P d = load_n<Acc>(dy + j, cnt);
+    if constexpr (HasDW) store_n<Acc>(dw + j, pmadd(d, xh, load_n<Acc>(dw + j, cnt)), cnt, false);
+    if constexpr (HasDB) store_n<Acc>(db + j, padd(d, load_n<Acc>(db + j, cnt)), cnt, false);
+    store_n<Acc>(dx + j, pmadd(xh, nk1, pmadd(times_weight<HasW, Acc>(d, w, j, cnt), r, k0)),
+                 cnt, st);
+  });
+}
+
 /// One contiguous row of backward. dw/db (Acc partials, or null) are accumulated into;
 /// dx may alias x or dy.
 ///   pass 1  B = sum(g), C = sum(g * xhat), g = dy * w, xhat = fma(x, rstd, -mean * rstd)
@@ -236,64 +319,30 @@ void row_backward_wide(const T* x, const T* dy, T* dx, Index n, Index stride, Ac
 template <bool Center, bool HasW, class Acc, class T>
 void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, const T* w,
                   Acc* dw, Acc* db, bool stream) {
-  using namespace simd;
   using P = packet_t<Acc>;
-  constexpr Index W = packet_size<Acc>;
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
   const bool fast = !Center || fast_row(mean, rstd);
   const Acc c = fast ? Acc(0) : row_sum<true>(x, n, mean) / static_cast<Acc>(n);  // exact as in row_forward
-  const P pr = pset1<P>(rstd), pnmr = pset1<P>(-mean * rstd), pm = pset1<P>(mean),
-          pc = pset1<P>(c);
   auto run = [&](auto fast_c) {
     constexpr bool Fast = decltype(fast_c)::value;
-    auto xhat = [&](const P& v) {
-      if constexpr (Fast)
-        return pmadd(v, pr, pnmr);
-      else
-        return pmul(psub(psub(v, pm), pc), pr);
-    };
-    auto grad = [&](const P& d, Index i, Index cnt) {
-      if constexpr (HasW)
-        return pmul(d, load_n<Acc>(w + i, cnt));
-      else
-        return d;
-    };
-    // Pass 1, two accumulators each to keep the dependency chains short.
-    P b0 = zero<Acc>(), b1 = zero<Acc>(), c0 = zero<Acc>(), c1 = zero<Acc>();
-    Index i = 0;
-    for (; i + 2 * W <= n; i += 2 * W) {
-      const P g0 = grad(load<Acc>(dy + i), i, W), g1 = grad(load<Acc>(dy + i + W), i + W, W);
-      b0 = padd(b0, g0);
-      b1 = padd(b1, g1);
-      c0 = pmadd(g0, xhat(load<Acc>(x + i)), c0);
-      c1 = pmadd(g1, xhat(load<Acc>(x + i + W)), c1);
-    }
-    if (i < n) {  // the tail in packets too: zero-filled lanes add g = 0
-      for (; i < n; i += W) {
-        const Index cnt = std::min(W, n - i);
-        const P g = grad(load_n<Acc>(dy + i, cnt), i, cnt);
-        b0 = padd(b0, g);
-        c0 = pmadd(g, xhat(load_n<Acc>(x + i, cnt)), c0);
-      }
-    }
-    const Acc B = predux(padd(b0, b1)), C = predux(padd(c0, c1));
+    const RowXhat<Fast, Acc> xhat(mean, rstd, c);
+    Acc B, C;
+    row_grad_sums<HasW>(x, dy, w, n, xhat, B, C);
     if (!(std::isfinite(B) && std::isfinite(C)) && all_finite(x, n) && all_finite(dy, n) &&
         std::isfinite(mean) && std::isfinite(rstd)) {
       row_backward_wide<Center>(x, dy, dx, n, 1, mean, rstd, HasW ? w : nullptr, dw, db);
       return;
     }
     const Acc mg = Center ? B * inv_n : Acc(0), mgx = C * inv_n;
-    const P k0 = pset1<P>(-rstd * mg), nk1 = pset1<P>(-rstd * mgx);
-    // Pass 2: dx, and the parameter-gradient partials; prefetches the next row.
-    for_each_packet<Acc>(dx, n, stream, [&](Index j, Index cnt, bool st) {
-      prefetch(x, n + j);
-      prefetch(dy, n + j);
-      const P xh = xhat(load_n<Acc>(x + j, cnt));
-      const P d = load_n<Acc>(dy + j, cnt);
-      if (dw) store_n<Acc>(dw + j, pmadd(d, xh, load_n<Acc>(dw + j, cnt)), cnt, false);
-      if (db) store_n<Acc>(db + j, padd(d, load_n<Acc>(db + j, cnt)), cnt, false);
-      store_n<Acc>(dx + j, pmadd(xh, nk1, pmadd(grad(d, j, cnt), pr, k0)), cnt, st);
-    });
+    const P k0 = simd::pset1<P>(-rstd * mg), nk1 = simd::pset1<P>(-rstd * mgx);
+    auto apply = [&](auto has_dw, auto has_db) {
+      row_grad_apply<HasW, decltype(has_dw)::value, decltype(has_db)::value>(
+          x, dy, dx, n, w, dw, db, xhat, k0, nk1, stream);
+    };
+    if (dw)
+      db ? apply(std::true_type{}, std::true_type{}) : apply(std::true_type{}, std::false_type{});
+    else
+      db ? apply(std::false_type{}, std::true_type{}) : apply(std::false_type{}, std::false_type{});
   };
   if (fast)
     run(std::true_type{});

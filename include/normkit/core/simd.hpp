@@ -172,26 +172,27 @@ EIGEN_STRONG_INLINE void store_n(T* p, const packet_t<Acc>& v, Index n, bool str
 
 }  // namespace simd
 
-/// Applies f(i, count) to [0, n) in packets: full packets get count == packet_size and
-/// the tail one partial call, so that every element goes through the same packet
-/// arithmetic. With `stream` set, full packets are aligned for streaming stores
-/// (a partial head first) and f is told so through its third argument.
+/// Applies f(i, count, stream) to [0, n) in packets: full packets get count ==
+/// packet_size and the tail one partial call, so that every element goes through the
+/// same packet arithmetic. With `stream` set, full packets are aligned for streaming
+/// stores (a partial head first) and f is told so through its third argument, a
+/// compile-time constant in each of the two loops: the loop body the compiler sees has
+/// no branch on it.
 template <class Acc, class T, class F>
 EIGEN_STRONG_INLINE void for_each_packet(T* out, Index n, bool stream, F&& f) {
   constexpr Index W = packet_size<Acc>;
   Index i = 0;
-  if (stream) {
-    Index head = simd::misalignment<Acc>(out);
-    if (head < 0) {
-      stream = false;
-    } else if (head > 0) {
-      head = head < n ? head : n;
-      f(Index{0}, head, false);
-      i = head;
+  const Index head = stream ? simd::misalignment<Acc>(out) : -1;
+  if (head >= 0) {
+    if (head > 0) {
+      i = head < n ? head : n;
+      f(Index{0}, i, std::false_type{});
     }
+    for (; i + W <= n; i += W) f(i, W, std::true_type{});
+  } else {
+    for (; i + W <= n; i += W) f(i, W, std::false_type{});
   }
-  for (; i + W <= n; i += W) f(i, W, stream);
-  if (i < n) f(i, n - i, false);
+  if (i < n) f(i, n - i, std::false_type{});
 }
 
 }  // namespace detail
