@@ -34,28 +34,47 @@ struct Affine {
   const T* bias = nullptr;    // [n] or null
 };
 
-/// sum(x - s) (Shift) or sum(x). Four packet accumulators: enough independent adds to
-/// hide the add latency, and 4 * packet_size partial sums for accuracy.
+/// Independent packet accumulators of the row reductions: FMA latency (4-5 cycles) times
+/// the two FMA ports, so that the sums run at the load rate instead of waiting on their
+/// own dependency chains; also K * packet_size partial sums for accuracy.
+inline constexpr Index kRowAcc = 8;
+
+/// a[0] + ... + a[K-1], pairwise.
+template <Index K, class P>
+EIGEN_STRONG_INLINE P tree_sum(P* a) {
+  for (Index w = K / 2; w >= 1; w /= 2)
+    for (Index k = 0; k < w; ++k) a[k] = simd::padd(a[k], a[k + w]);
+  return a[0];
+}
+
+/// sum(term(x + i)) over the full packets of [0, n), kRowAcc accumulators; returns the
+/// index of the first element not summed (the scalar tail is the caller's).
+template <class Acc, class T, class Term>
+EIGEN_ALWAYS_INLINE Index row_reduce(const T* x, Index n, Term term, Acc& out) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>, K = kRowAcc;
+  P a[K];
+  for (Index k = 0; k < K; ++k) a[k] = zero<Acc>();
+  Index i = 0;
+  for (; i + K * W <= n; i += K * W)
+    for (Index k = 0; k < K; ++k) a[k] = term(a[k], x + i + k * W);
+  for (; i + W <= n; i += W) a[0] = term(a[0], x + i);
+  out = predux(tree_sum<K>(a));
+  return i;
+}
+
+/// sum(x - s) (Shift) or sum(x).
 template <bool Shift, class Acc, class T>
 Acc row_sum(const T* x, Index n, Acc s) {
   using namespace simd;
   using P = packet_t<Acc>;
-  constexpr Index W = packet_size<Acc>;
   const P ps = pset1<P>(s);
-  P a0 = zero<Acc>(), a1 = zero<Acc>(), a2 = zero<Acc>(), a3 = zero<Acc>();
-  auto term = [&](const T* p) {
+  Acc r;
+  Index i = row_reduce<Acc>(x, n, [&](const P& a, const T* p) {
     const P v = load<Acc>(p);
-    return Shift ? psub(v, ps) : v;
-  };
-  Index i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    a0 = padd(a0, term(x + i));
-    a1 = padd(a1, term(x + i + W));
-    a2 = padd(a2, term(x + i + 2 * W));
-    a3 = padd(a3, term(x + i + 3 * W));
-  }
-  for (; i + W <= n; i += W) a0 = padd(a0, term(x + i));
-  Acc r = predux(padd(padd(a0, a1), padd(a2, a3)));
+    return padd(a, Shift ? psub(v, ps) : v);
+  }, r);
   for (; i < n; ++i) r += Shift ? static_cast<Acc>(x[i]) - s : static_cast<Acc>(x[i]);
   return r;
 }
@@ -65,24 +84,14 @@ template <bool Center, bool Corr, class Acc, class T>
 Acc row_sum_sq(const T* x, Index n, Acc s, Acc d) {
   using namespace simd;
   using P = packet_t<Acc>;
-  constexpr Index W = packet_size<Acc>;
   const P ps = pset1<P>(s), pd = pset1<P>(d);
-  P a0 = zero<Acc>(), a1 = zero<Acc>(), a2 = zero<Acc>(), a3 = zero<Acc>();
-  auto acc = [&](P a, const T* p) {
+  Acc r;
+  Index i = row_reduce<Acc>(x, n, [&](const P& a, const T* p) {
     P v = load<Acc>(p);
     if constexpr (Center) v = psub(v, ps);
     if constexpr (Corr) v = psub(v, pd);
     return pmadd(v, v, a);
-  };
-  Index i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    a0 = acc(a0, x + i);
-    a1 = acc(a1, x + i + W);
-    a2 = acc(a2, x + i + 2 * W);
-    a3 = acc(a3, x + i + 3 * W);
-  }
-  for (; i + W <= n; i += W) a0 = acc(a0, x + i);
-  Acc r = predux(padd(padd(a0, a1), padd(a2, a3)));
+  }, r);
   for (; i < n; ++i) {
     Acc v = static_cast<Acc>(x[i]);
     if constexpr (Center) v -= s;
@@ -259,32 +268,33 @@ EIGEN_STRONG_INLINE packet_t<Acc> times_weight(const packet_t<Acc>& d, const T* 
     return d;
 }
 
-/// Pass 1 of row_backward: B = sum(g), C = sum(g * xhat), two accumulators each to keep
-/// the dependency chains short; the tail in packets too (zero-filled lanes add g = 0).
+/// Pass 1 of row_backward: B = sum(g), C = sum(g * xhat), kRowAcc / 2 accumulators
+/// each to keep the dependency chains short; the tail in packets too (zero-filled lanes
+/// add g = 0).
 template <bool HasW, class Acc, class T, class Xhat>
 void row_grad_sums(const T* x, const T* dy, const T* w, Index n, const Xhat xhat, Acc& B,
                    Acc& C) {
   using namespace simd;
   using P = packet_t<Acc>;
-  constexpr Index W = packet_size<Acc>;
-  P b0 = zero<Acc>(), b1 = zero<Acc>(), c0 = zero<Acc>(), c1 = zero<Acc>();
+  constexpr Index W = packet_size<Acc>, K = kRowAcc / 2;
+  P b[K], c[K];
+  for (Index k = 0; k < K; ++k) b[k] = c[k] = zero<Acc>();
   Index i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const P g0 = times_weight<HasW, Acc>(load<Acc>(dy + i), w, i, W);
-    const P g1 = times_weight<HasW, Acc>(load<Acc>(dy + i + W), w, i + W, W);
-    b0 = padd(b0, g0);
-    b1 = padd(b1, g1);
-    c0 = pmadd(g0, xhat(load<Acc>(x + i)), c0);
-    c1 = pmadd(g1, xhat(load<Acc>(x + i + W)), c1);
-  }
+  for (; i + K * W <= n; i += K * W)
+    for (Index k = 0; k < K; ++k) {
+      const Index j = i + k * W;
+      const P g = times_weight<HasW, Acc>(load<Acc>(dy + j), w, j, W);
+      b[k] = padd(b[k], g);
+      c[k] = pmadd(g, xhat(load<Acc>(x + j)), c[k]);
+    }
   for (; i < n; i += W) {
     const Index cnt = std::min(W, n - i);
     const P g = times_weight<HasW, Acc>(load_n<Acc>(dy + i, cnt), w, i, cnt);
-    b0 = padd(b0, g);
-    c0 = pmadd(g, xhat(load_n<Acc>(x + i, cnt)), c0);
+    b[0] = padd(b[0], g);
+    c[0] = pmadd(g, xhat(load_n<Acc>(x + i, cnt)), c[0]);
   }
-  B = predux(padd(b0, b1));
-  C = predux(padd(c0, c1));
+  B = predux(tree_sum<K>(b));
+  C = predux(tree_sum<K>(c));
 }
 
 /// Pass 2 of row_backward: dx = fma(g, rstd, k0) + xhat * nk1, dw += dy * xhat,

@@ -177,9 +177,10 @@ EIGEN_STRONG_INLINE void store_n(T* p, const packet_t<Acc>& v, Index n, bool str
 /// same packet arithmetic. With `stream` set, full packets are aligned for streaming
 /// stores (a partial head first) and f is told so through its third argument, a
 /// compile-time constant in each of the two loops: the loop body the compiler sees has
-/// no branch on it.
+/// no branch on it. Always inlined: called out of line, f's captures are read through
+/// references that every (may-alias) packet store forces the loop to reload.
 template <class Acc, class T, class F>
-EIGEN_STRONG_INLINE void for_each_packet(T* out, Index n, bool stream, F&& f) {
+EIGEN_ALWAYS_INLINE void for_each_packet(T* out, Index n, bool stream, F&& f) {
   constexpr Index W = packet_size<Acc>;
   Index i = 0;
   const Index head = stream ? simd::misalignment<Acc>(out) : -1;
