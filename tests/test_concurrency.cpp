@@ -165,4 +165,47 @@ TEST(ConcurrencyTest, SharedBatchNormEvalInference) {
   EXPECT_EQ(bn.num_batches_tracked(), 0);
 }
 
+// normkit's parallel_for on a pool: every item exactly once, for item counts below, at
+// and above the number of parts, and for any pool size.
+TEST(ConcurrencyTest, ParallelForRunsEveryItemOnce) {
+  for (int threads : {2, 3, 7}) {
+    Eigen::ThreadPool pool(threads);
+    Eigen::ThreadPoolDevice dev(&pool, threads);
+    for (Index n : {Index(2), Index(5), Index(8), Index(29), Index(1000)}) {
+      std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+      for (auto& h : hits) h = 0;
+      std::atomic<int> calls{0};
+      // bytes per item far above the inline limit: always through the pool
+      normkit::detail::parallel_for(dev, n, 1e9, 1.0, [&](Index b, Index e) {
+        ++calls;
+        for (Index i = b; i < e; ++i) ++hits[static_cast<std::size_t>(i)];
+      });
+      for (Index i = 0; i < n; ++i) EXPECT_EQ(hits[static_cast<std::size_t>(i)].load(), 1) << "n " << n << " item " << i;
+      EXPECT_LE(calls.load(), 4 * threads) << "n " << n;
+    }
+  }
+}
+
+// A layer called from inside one of the pool's own tasks, on a device over that same
+// pool, runs on that thread: it returns (no wait on tasks that cannot start), with the
+// single-threaded bits.
+TEST(ConcurrencyTest, CallFromInsideThePoolRunsInline) {
+  normkit::LayerNorm<float> ln(96);
+  ln.weight().setRandom();
+  const RM2 x = nktest::make_tensor<float, 2, Eigen::RowMajor>({300, 96}, nktest::random_vector(300 * 96, 5));
+  RM2 want = x;
+  ln.forward(x, want);
+  Eigen::ThreadPool pool(2);
+  Eigen::ThreadPoolDevice dev(&pool, 2);
+  std::vector<RM2> got(4, x);
+  Eigen::Barrier done(4);
+  for (int t = 0; t < 4; ++t)
+    pool.Schedule([&, t] {
+      ln.forward(dev, x, got[static_cast<std::size_t>(t)]);
+      done.Notify();
+    });
+  done.Wait();
+  for (const RM2& g : got) EXPECT_TRUE(same_bits(g, want));
+}
+
 }  // namespace
