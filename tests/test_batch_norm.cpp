@@ -189,6 +189,9 @@ const std::vector<Case> kGrid = {
     {{2, 3, 4, 5}, 1},    {{3, 2, 9, 7}, 1},   {{2, 3, 17, 3}, 1},    {{2, 5, 3, 3}, 3},
     {{4, 3, 3, 17}, -1},  {{3, 4, 5}, 2},      {{7, 2, 3}, 0},        {{2, 3, 2, 2, 3}, 1},
     {{2, 2, 3, 3, 4}, -1}, {{2, 2, 2100}, 1},  {{70, 2, 3}, 1},
+    // (N, C) wider than one column-path work item (512) with row chunks not a multiple
+    // of the 4 rows summed at once
+    {{261, 530}, 1},
 };
 
 std::string where_of(const Case& c) {
@@ -381,7 +384,7 @@ TYPED_TEST(BatchNormTest, ThreadCountsGiveBitwiseEqualResults) {
   using Acc = typename normkit::BatchNorm<T>::Acc;
   // Row path with several segments, NCHW, column path with several blocks, channels-last.
   for (const Case& c : {Case{{3, 4, 5000}, 1}, Case{{8, 16, 9, 9}, 1}, Case{{4000, 19}, 1},
-                        Case{{50, 7, 7, 24}, -1}}) {
+                        Case{{50, 7, 7, 24}, -1}, Case{{1030, 530}, 1}}) {
     with_rank(c.dims.size(), [&](auto rank) {
       constexpr int R = decltype(rank)::value;
       const Geo g = geo_of(c.dims, c.axis);

@@ -86,6 +86,14 @@ class BatchNorm {
   using Acc = detail::acc_t<T>;
   using Options = BatchNormOptions;
 
+ private:
+  /// The per-channel finish (statistics to coefficients): double for float data, where
+  /// its 29 extra bits and 2^1024 range hold every float intermediate (squares included)
+  /// and it runs several times faster than x87; long double for double data.
+  using Fin = std::conditional_t<std::is_same_v<Acc, float>, double, long double>;
+
+ public:
+
   /// What backward needs from forward: the mean and rstd it normalized with, per channel.
   struct Cache {
     Eigen::Tensor<Acc, 1> mean;    // [C]
@@ -248,9 +256,9 @@ class BatchNorm {
     const bool batch = batch_stats();
     StatsReducer* red = opt_.reducer().get();
     const Index C = C_;
-    // Statistics in long double; m[c] is the mean rounded to Acc and corr[c] the rest of
-    // it (a large offset is not representable in Acc to the precision of the spread).
-    std::vector<long double> mean(static_cast<std::size_t>(C)), var(mean.size()), corr(mean.size()), r(mean.size());
+    // Statistics in Fin (wider than Acc); m[c] is the mean rounded to Acc and corr[c] the
+    // rest of it (a large offset is not representable in Acc to the precision of the spread).
+    std::vector<Fin> mean(static_cast<std::size_t>(C)), var(mean.size()), corr(mean.size()), r(mean.size());
     std::vector<Acc> m(mean.size());
     double count = 0;
     if (batch) {
@@ -268,7 +276,7 @@ class BatchNorm {
       }
       for (Index c = 0; c < C; ++c) {
         mean[c] = mom[c].mean;
-        var[c] = static_cast<long double>(mom[c].m2) / count;
+        var[c] = static_cast<Fin>(mom[c].m2) / count;
         if constexpr (std::is_same_v<Acc, double>) {
           // Moments of values near DBL_MAX overflow double: redone in long double.
           if (!red && !(std::isfinite(mom[c].mean) && std::isfinite(mom[c].m2)))
@@ -305,8 +313,8 @@ class BatchNorm {
     } else {
       count = static_cast<double>(v.count());
       for (Index c = 0; c < C; ++c) {
-        mean[c] = static_cast<long double>(static_cast<double>(running_mean_(c)));
-        var[c] = static_cast<long double>(static_cast<double>(running_var_(c)));
+        mean[c] = static_cast<Fin>(static_cast<double>(running_mean_(c)));
+        var[c] = static_cast<Fin>(static_cast<double>(running_var_(c)));
       }
       set_shift(mean, var, m, corr, r);
     }
@@ -314,19 +322,7 @@ class BatchNorm {
     // y = (x - m) * a + b, b absorbing corr.
     std::vector<Acc> a(m.size()), b(m.size()), rs(m.size());
     std::vector<detail::WideChannel> wide;
-    for (Index c = 0; c < C; ++c) {
-      const long double w = opt_.affine() ? static_cast<long double>(static_cast<double>(weight_(c))) : 1;
-      const long double bb = opt_.affine() ? static_cast<long double>(static_cast<double>(bias_(c))) : 0;
-      const long double aw = r[c] * w, bw = bb - corr[c] * aw;
-      rs[c] = static_cast<Acc>(r[c]);
-      if (is_wide(batch, count, mean[c], var[c], r[c], {aw, bw})) {
-        wide.push_back({c, mean[c], r[c]});
-        m[c] = a[c] = b[c] = rs[c] = Acc(0);  // the vector pass writes 0; the wide pass the values
-        continue;
-      }
-      a[c] = static_cast<Acc>(aw);
-      b[c] = static_cast<Acc>(bw);
-    }
+    map_coefficients(batch, count, mean, var, corr, r, m, a, b, rs, wide);
     std::vector<T> wide_y = wide_forward(x.data(), v, wide);
     detail::channel_map<T, Acc>(dev, x.data(), nullptr, y.data(), v,
                                 detail::ChannelMap<Acc>{m.data(), a.data(), b.data(), nullptr, nullptr});
@@ -334,12 +330,12 @@ class BatchNorm {
     if (cache) fill_cache(*cache, dims, batch, m.data(), rs.data(), count, std::move(wide));
   }
 
-  void set_shift(const std::vector<long double>& mean, const std::vector<long double>& var, std::vector<Acc>& m,
-                 std::vector<long double>& corr, std::vector<long double>& r) const {
+  EIGEN_DONT_INLINE void set_shift(const std::vector<Fin>& mean, const std::vector<Fin>& var, std::vector<Acc>& m,
+                 std::vector<Fin>& corr, std::vector<Fin>& r) const {
     for (std::size_t c = 0; c < mean.size(); ++c) {
       m[c] = static_cast<Acc>(mean[c]);
-      corr[c] = std::isfinite(mean[c]) ? mean[c] - static_cast<long double>(m[c]) : 0;
-      r[c] = 1 / std::sqrt(var[c] + static_cast<long double>(opt_.eps()));
+      corr[c] = std::isfinite(mean[c]) ? mean[c] - static_cast<Fin>(m[c]) : 0;
+      r[c] = 1 / std::sqrt(var[c] + static_cast<Fin>(opt_.eps()));
     }
   }
 
@@ -353,10 +349,10 @@ class BatchNorm {
   /// accumulation type cannot hold its intermediates: deviations x - mean beyond its
   /// range (values near its maximum), rstd below its smallest normal (std > 1e19 in
   /// float), or a coefficient (rstd * weight, the bias term) outside its normal range.
-  static bool is_wide(bool batch, double count, long double mean, long double var, long double r,
-                      std::initializer_list<long double> coefficients) {
+  static bool is_wide(bool batch, double count, Fin mean, Fin var, Fin r,
+                      std::initializer_list<Fin> coefficients) {
     if (!(std::isfinite(mean) && std::isfinite(var))) return false;  // NaN/Inf stay in their channel
-    const long double max_acc = std::numeric_limits<Acc>::max(), min_acc = std::numeric_limits<Acc>::min();
+    const Fin max_acc = std::numeric_limits<Acc>::max(), min_acc = std::numeric_limits<Acc>::min();
     const bool deviations = batch ? var * count > max_acc * max_acc / 4
                                   : std::fabs(mean) > max_acc * std::numeric_limits<Acc>::epsilon();
     return deviations || r < min_acc || out_of_range(coefficients);
@@ -400,7 +396,7 @@ class BatchNorm {
   /// Local moments to global ones: one sum of (n, n * mean) gives the global mean mu,
   /// a second one sum(M2 + n * (mean - mu)^2), a sum of non-negative terms. Returns the
   /// global count.
-  double reduce_moments(StatsReducer& red, std::vector<detail::Moments>& mom) const {
+  EIGEN_DONT_INLINE double reduce_moments(StatsReducer& red, std::vector<detail::Moments>& mom) const {
     const Index C = C_;
     std::vector<double> buf(static_cast<std::size_t>(2 * C));
     for (Index c = 0; c < C; ++c) {
@@ -424,12 +420,12 @@ class BatchNorm {
     return count;
   }
 
-  void update_running(const std::vector<long double>& mean, const std::vector<long double>& var, double count) {
+  EIGEN_DONT_INLINE void update_running(const std::vector<Fin>& mean, const std::vector<Fin>& var, double count) {
     ++num_batches_tracked_;
-    const long double f = opt_.momentum() ? *opt_.momentum() : 1.0L / static_cast<long double>(num_batches_tracked_);
-    const long double unbias = static_cast<long double>(count) / (count - 1);
+    const Fin f = opt_.momentum() ? *opt_.momentum() : Fin(1) / static_cast<Fin>(num_batches_tracked_);
+    const Fin unbias = static_cast<Fin>(count) / (count - 1);
     for (Index c = 0; c < C_; ++c) {
-      const long double rm = static_cast<double>(running_mean_(c)), rv = static_cast<double>(running_var_(c));
+      const Fin rm = static_cast<double>(running_mean_(c)), rv = static_cast<double>(running_var_(c));
       running_mean_(c) = static_cast<T>(static_cast<double>((1 - f) * rm + f * mean[c]));
       running_var_(c) = static_cast<T>(static_cast<double>((1 - f) * rv + f * var[c] * unbias));
     }
@@ -533,26 +529,86 @@ class BatchNorm {
     // dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), k = weight * rstd (batch mode),
     // dx = k * dy (eval), as the map ((x - m) * a + dy) * k + b. Channels whose
     // coefficients leave Acc's range are done in long double.
-    const double n = cache.count;
     std::vector<Acc> a(static_cast<std::size_t>(C)), b(a.size()), k(a.size()), g(a.size(), Acc(1)),
         zero(a.size(), Acc(0));
     std::vector<WideGrad> wide;
+    grad_coefficients(cache, sums.data(), was_wide, wide_sums, red == nullptr, grads, a, b, k, g, wide);
+    if (x.size() == 0) return;
+    std::vector<T> wide_dx = wide_backward(x.data(), dy.data(), v, wide);
+    if (batch)
+      detail::channel_map<T, Acc>(dev, x.data(), dy.data(), dx.data(), v,
+                                  detail::ChannelMap<Acc>{m, a.data(), b.data(), k.data(), g.data()});
+    else  // dx = k * dy: the map with dy in the place of x
+      detail::channel_map<T, Acc>(dev, dy.data(), nullptr, dx.data(), v,
+                                  detail::ChannelMap<Acc>{zero.data(), k.data(), zero.data(), nullptr, nullptr});
+    std::vector<detail::WideChannel> channels;
+    channels.reserve(wide.size());
+    for (const WideGrad& w : wide) channels.push_back({w.channel, 0, 0});
+    detail::scatter_channels(wide_dx.data(), v, channels, dx.data());
+  }
+
+  /// Forward's per-channel map coefficients from the statistics; the channels that
+  /// leave Acc's range go to `wide`. Device-independent and never inlined (see
+  /// grad_coefficients).
+  EIGEN_DONT_INLINE void map_coefficients(bool batch, double count, const std::vector<Fin>& mean,
+                                          const std::vector<Fin>& var, const std::vector<Fin>& corr,
+                                          const std::vector<Fin>& r, std::vector<Acc>& m, std::vector<Acc>& a,
+                                          std::vector<Acc>& b, std::vector<Acc>& rs,
+                                          std::vector<detail::WideChannel>& wide) const {
+    const Index C = C_;
+    for (Index c = 0; c < C; ++c) {
+      const Fin w = opt_.affine() ? static_cast<Fin>(static_cast<double>(weight_(c))) : 1;
+      const Fin bb = opt_.affine() ? static_cast<Fin>(static_cast<double>(bias_(c))) : 0;
+      const Fin aw = r[c] * w, bw = bb - corr[c] * aw;
+      rs[c] = static_cast<Acc>(r[c]);
+      if (is_wide(batch, count, mean[c], var[c], r[c], {aw, bw})) {
+        wide.push_back({c, mean[c], r[c]});
+        m[c] = a[c] = b[c] = rs[c] = Acc(0);  // the vector pass writes 0; the wide pass the values
+        continue;
+      }
+      a[c] = static_cast<Acc>(aw);
+      b[c] = static_cast<Acc>(bw);
+    }
+  }
+
+  /// A channel of backward in long double: dx = k * (dy - mean_dy - xhat * mean_dy_xhat)
+  /// with batch statistics, dx = k * dy without (x and the running mean not read: a
+  /// NaN running mean does not reach dx, as in the vector pass).
+  struct WideGrad {
+    Index channel;
+    long double mean, invstd, k, mean_dy, mean_dy_xhat;
+    bool batch;
+  };
+
+  /// The backward's per-channel coefficients and parameter gradients from the sums.
+  /// Device-independent and never inlined, like set_shift and map_coefficients: one
+  /// copy of this arithmetic (and of the compiler's FMA contractions in it) serves
+  /// every device, so the results are the same bits for any thread count.
+  EIGEN_DONT_INLINE void grad_coefficients(const Cache& cache, const double* sums,
+                                           const std::vector<const detail::WideChannel*>& was_wide,
+                                           const std::vector<std::array<long double, 2>>& wide_sums,
+                                           bool exact_wide, Grads& grads, std::vector<Acc>& a, std::vector<Acc>& b,
+                                           std::vector<Acc>& k, std::vector<Acc>& g, std::vector<WideGrad>& wide) const {
+    const Index C = C_;
+    const bool affine = opt_.affine(), batch = cache.batch_stats;
+    const double n = cache.count;
+    const Acc* m = cache.mean.data();
     for (Index c = 0; c < C; ++c) {
       const detail::WideChannel* ww = was_wide[static_cast<std::size_t>(c)];
-      const long double r = ww ? ww->invstd : static_cast<long double>(cache.invstd(c));
-      const long double w = affine ? static_cast<long double>(static_cast<double>(weight_(c))) : 1;
-      const bool exact = ww && !red;
-      const long double A = sums[c], B = exact ? wide_sums[static_cast<std::size_t>(c)][0] : sums[C + c],
-                        Cc = exact ? wide_sums[static_cast<std::size_t>(c)][1] : sums[2 * C + c];
+      const Fin r = ww ? static_cast<Fin>(ww->invstd) : static_cast<Fin>(cache.invstd(c));
+      const Fin w = affine ? static_cast<Fin>(static_cast<double>(weight_(c))) : 1;
+      const bool exact = ww && exact_wide;
+      const Fin A = sums[c], B = exact ? static_cast<Fin>(wide_sums[static_cast<std::size_t>(c)][0]) : sums[C + c],
+                Cc = exact ? static_cast<Fin>(wide_sums[static_cast<std::size_t>(c)][1]) : sums[2 * C + c];
       // In batch mode m is the rounded batch mean; A / n is what it misses.
-      const long double corr = batch && n > 0 && !ww ? A / n : 0;
-      const long double sum_dy_xhat = ww ? Cc : (Cc - corr * B) * r;
+      const Fin corr = batch && n > 0 && !ww ? A / n : 0;
+      const Fin sum_dy_xhat = ww ? Cc : (Cc - corr * B) * r;
       if (affine) {
         grads.weight(c) = static_cast<T>(static_cast<double>(sum_dy_xhat));
         grads.bias(c) = static_cast<T>(static_cast<double>(B));
       }
-      long double k1 = w * r;
-      long double a1 = 0, b1 = 0;
+      Fin k1 = w * r;
+      Fin a1 = 0, b1 = 0;
       if (batch && n > 0) {
         a1 = -r * sum_dy_xhat / n;
         b1 = k1 * (-B / n - a1 * corr);
@@ -574,32 +630,11 @@ class BatchNorm {
       b[c] = static_cast<Acc>(b1);
       k[c] = static_cast<Acc>(k1);
     }
-    if (x.size() == 0) return;
-    std::vector<T> wide_dx = wide_backward(x.data(), dy.data(), v, wide);
-    if (batch)
-      detail::channel_map<T, Acc>(dev, x.data(), dy.data(), dx.data(), v,
-                                  detail::ChannelMap<Acc>{m, a.data(), b.data(), k.data(), g.data()});
-    else  // dx = k * dy: the map with dy in the place of x
-      detail::channel_map<T, Acc>(dev, dy.data(), nullptr, dx.data(), v,
-                                  detail::ChannelMap<Acc>{zero.data(), k.data(), zero.data(), nullptr, nullptr});
-    std::vector<detail::WideChannel> channels;
-    channels.reserve(wide.size());
-    for (const WideGrad& w : wide) channels.push_back({w.channel, 0, 0});
-    detail::scatter_channels(wide_dx.data(), v, channels, dx.data());
   }
 
-  /// A channel of backward in long double: dx = k * (dy - mean_dy - xhat * mean_dy_xhat)
-  /// with batch statistics, dx = k * dy without (x and the running mean not read: a
-  /// NaN running mean does not reach dx, as in the vector pass).
-  struct WideGrad {
-    Index channel;
-    long double mean, invstd, k, mean_dy, mean_dy_xhat;
-    bool batch;
-  };
-
-  static bool out_of_range(std::initializer_list<long double> coefficients) {
-    const long double max_acc = std::numeric_limits<Acc>::max(), min_acc = std::numeric_limits<Acc>::min();
-    for (long double k : coefficients)
+  static bool out_of_range(std::initializer_list<Fin> coefficients) {
+    const Fin max_acc = std::numeric_limits<Acc>::max(), min_acc = std::numeric_limits<Acc>::min();
+    for (Fin k : coefficients)
       if (std::isfinite(k) && k != 0 && !(std::fabs(k) >= min_acc && std::fabs(k) <= max_acc)) return true;
     return false;
   }

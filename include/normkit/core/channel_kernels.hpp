@@ -11,9 +11,9 @@
 // - row path (inner >= kRowPathMin: NCHW, NCL, ColMajor channels-last): every (o, c) is
 //   a contiguous row of `inner` values, cut into segments of at most kSeg;
 // - column path (inner small: channels-last, (N, C)): a row-major [outer, C * inner]
-//   matrix reduced over its rows, in chunks of kChunkRows rows and tiles of columns.
-// Numerics: each segment / chunk-tile is small enough to stay in L1, so its moments are
-// two-pass there (a shifted sum for the mean, then sum(d) and sum(d^2) around it, the
+//   matrix reduced over its rows, in chunks of up to kChunkRows rows and tiles of columns.
+// Numerics: each segment (L1) and chunk (L2) is small enough to stay in cache, so its
+// moments are two-pass there (a shifted sum for the mean, then sum(d) and sum(d^2) around it, the
 // corrected two-pass algorithm) in Acc; the pieces are merged in double with Chan's
 // formula. Never E[x^2] - E[x]^2. Pieces and their merge order depend on the shape
 // only, never on the thread count, so every result is bitwise identical for any
@@ -45,7 +45,7 @@ F nonnegative(F v) {
 }
 
 /// Chan et al.'s pairwise update: a becomes the moments of a's values and b's.
-inline void merge(Moments& a, const Moments& b) {
+EIGEN_DONT_INLINE inline void merge(Moments& a, const Moments& b) {
   if (b.n == 0) return;
   if (a.n == 0) {
     a = b;
@@ -60,7 +60,8 @@ inline void merge(Moments& a, const Moments& b) {
 inline constexpr Index kRowPathMin = 32;  // shorter rows go through the column path
 inline constexpr Index kSeg = 2048;       // 8 KiB of float: both passes in L1
 inline constexpr Index kChunkRows = 128;  // column path: rows per chunk
-inline constexpr Index kColGroup = 256;   // column path: columns per work item
+inline constexpr Index kRowsAtOnce = 4;   // column path: rows per load/store of the partial sums
+inline constexpr Index kColGroup = 512;   // column path: columns per work item (2 KiB rows of float read whole)
 // Column path: packets per tile, as many independent accumulator chains as the 16
 // vector registers of AVX2 hold (moments: shift + 2 sums; grad sums: shift + 3 sums).
 inline constexpr Index kMomentPackets = 4;
@@ -80,15 +81,17 @@ inline ChannelView channel_view(const std::vector<Index>& dims, bool row_major, 
   return ChannelView{b.outer, b.mid, b.inner};
 }
 
-/// Column-path row blocks: a fixed number for the shape, at most 2^18 / cols of them so
-/// that the per-(block, column) partials stay a few MiB.
-/// Rows per chunk of the column path. Rows wider than 1 KiB stride over few L1 sets,
-/// so a tile of kChunkRows of them would not stay in L1 between its two passes.
+/// Rows per chunk of the column path: the chunk's columns of a work item (at most
+/// kColGroup of them) over that many rows stay in L2 (256 KiB) between the two passes
+/// of tile_moments, which read them again right after chunk_means.
 template <class T>
 Index chunk_rows(const ChannelView& v) {
-  return static_cast<std::size_t>(v.cols()) * sizeof(T) <= 1024 ? kChunkRows : 16;
+  const Index row_bytes = std::min(v.cols(), kColGroup) * static_cast<Index>(sizeof(T));
+  return std::clamp<Index>((Index(256) << 10) / std::max<Index>(row_bytes, 1), 16, kChunkRows);
 }
 
+/// Column-path row blocks: a fixed number for the shape, at most 2^18 / cols of them so
+/// that the per-(block, column) partials stay a few MiB.
 inline Blocking column_blocking(const ChannelView& v) {
   const Index cap = std::max<Index>(1, std::min<Index>(64, (Index(1) << 18) / std::max<Index>(v.cols(), 1)));
   return fixed_blocking(v.outer, kChunkRows, cap);
@@ -125,7 +128,7 @@ void sum_d_d2(const T* x, Index n, Acc m, Acc& sd, Acc& sd2) {
 
 /// Moments of a contiguous segment (n >= 1), two-pass in Acc.
 template <class Acc, class T>
-Moments segment_moments(const T* x, Index n) {
+EIGEN_DONT_INLINE Moments segment_moments(const T* x, Index n) {
   const Acc s = static_cast<Acc>(x[0]);
   const Acc m = s + row_sum<true>(x, n, s) / static_cast<Acc>(n);
   Acc sd, sd2;
@@ -155,20 +158,24 @@ Moments column_moments_wide(const T* x, Index ld, Index nr) {
 /// The means of nc <= kColGroup columns over nr rows of a row-major matrix with leading
 /// dimension ld, shifted by the first row: mean[c] = x[0][c] + sum(x[r][c] - x[0][c]) / nr.
 /// Row after row, so that memory is read in order (the first touch of the chunk);
-/// per-column partial sums live in L1.
+/// per-column partial sums live in L1, loaded and stored once per kRowsAtOnce rows
+/// (added in row order: the same sums as one row at a time).
 template <class Acc, class T>
-void chunk_means(const T* x, Index ld, Index nr, Index nc, Acc* mean) {
+EIGEN_DONT_INLINE void chunk_means(const T* x, Index ld, Index nr, Index nc, Acc* mean) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
   alignas(64) Acc s[kColGroup] = {}, a[kColGroup] = {};
   for (Index j = 0; j < nc; ++j) s[j] = static_cast<Acc>(x[j]);
-  for (Index r = 1; r < nr; ++r) {
+  for (Index r = 1; r < nr; r += kRowsAtOnce) {
+    const Index rows = std::min(kRowsAtOnce, nr - r);
     const T* xr = x + r * ld;
     for (Index j = 0; j < nc; j += W) {
       const Index cnt = std::min(W, nc - j);
-      Eigen::internal::pstore(a + j, padd(Eigen::internal::pload<P>(a + j),
-                                          psub(load_n<Acc>(xr + j, cnt), Eigen::internal::pload<P>(s + j))));
+      const P sj = Eigen::internal::pload<P>(s + j);
+      P aj = Eigen::internal::pload<P>(a + j);
+      for (Index q = 0; q < rows; ++q) aj = padd(aj, psub(load_n<Acc>(xr + q * ld + j, cnt), sj));
+      Eigen::internal::pstore(a + j, aj);
     }
   }
   const Acc inv = Acc(1) / static_cast<Acc>(nr);
@@ -178,7 +185,7 @@ void chunk_means(const T* x, Index ld, Index nr, Index nc, Acc* mean) {
 /// Moments of nc <= kMomentPackets * W columns over nr rows around their chunk means
 /// (chunk_means): cmean[c], cm2[c], the corrected two-pass sums. The chunk is in cache.
 template <class Acc, class T>
-void tile_moments(const T* x, Index ld, Index nr, Index nc, const Acc* mean, double* cmean, double* cm2) {
+EIGEN_DONT_INLINE void tile_moments(const T* x, Index ld, Index nr, Index nc, const Acc* mean, double* cmean, double* cm2) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>, K = kMomentPackets;
@@ -227,6 +234,28 @@ void tile_moments(const T* x, Index ld, Index nr, Index nc, const Acc* mean, dou
   }
 }
 
+/// A chunk's moments (nb rows; cmean, cm2 per column) merged into its block's (na rows
+/// so far), Chan's update in structure of arrays: the weights are the same for every
+/// column, so it vectorizes.
+/// The double arithmetic of the statistics (here, merge, tile_moments, ...) lives in
+/// functions that are never inlined: one copy of it, and of the FMA contractions the
+/// compiler chose in it, serves every device type, so that any thread count gives the
+/// same bits.
+EIGEN_DONT_INLINE inline void merge_chunk(double na, double nb, Index nc, const double* cmean, const double* cm2,
+                                          double* bmean, double* bm2) {
+  if (na == 0) {
+    std::copy(cmean, cmean + nc, bmean);
+    std::copy(cm2, cm2 + nc, bm2);
+    return;
+  }
+  const double f = nb / (na + nb), g = na * nb / (na + nb);
+  for (Index j = 0; j < nc; ++j) {
+    const double delta = cmean[j] - bmean[j];
+    bmean[j] += delta * f;
+    bm2[j] += cm2[j] + delta * delta * g;
+  }
+}
+
 /// Per-channel moments of x, out[C]. `work` is scratch reused across calls.
 template <class T, class Dev>
 void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vector<Moments>& work,
@@ -270,17 +299,7 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
         chunk_means<Acc>(xc, cols, nr, nc, shift);
         for (Index t = 0; t < nc; t += kMomentPackets * W)
           tile_moments<Acc>(xc + t, cols, nr, std::min(kMomentPackets * W, nc - t), shift + t, cmean + t, cm2 + t);
-        if (n == 0) {
-          std::copy(cmean, cmean + nc, bmean);
-          std::copy(cm2, cm2 + nc, bm2);
-        } else {
-          const double nb = static_cast<double>(nr), f = nb / (n + nb), g = n * nb / (n + nb);
-          for (Index j = 0; j < nc; ++j) {
-            const double delta = cmean[j] - bmean[j];
-            bmean[j] += delta * f;
-            bm2[j] += cm2[j] + delta * delta * g;
-          }
-        }
+        merge_chunk(n, static_cast<double>(nr), nc, cmean, cm2, bmean, bm2);
         n += static_cast<double>(nr);
       }
       Moments* o = work.data() + b * cols + j0;
@@ -297,7 +316,7 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
 /// A = sum(x - m), B = sum(dy), Cc = sum(dy * (x - m)) over a contiguous run, in Acc.
 /// SelfDy: dy is x - m itself, so that Cc = sum((x - m)^2) (dy unused).
 template <class Acc, bool SelfDy = false, class T>
-void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, double* abc) {
+EIGEN_DONT_INLINE void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, double* abc) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
@@ -336,23 +355,33 @@ void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, double* abc) {
 
 /// The same over nc <= kColGroup columns of nr rows (leading dimension ld), added into
 /// abc[3 * c + {0, 1, 2}]; m is per column. Row after row, so that memory is read in
-/// order; the per-column partial sums live in L1.
+/// order; the per-column partial sums live in L1, loaded and stored once per
+/// kRowsAtOnce rows (added in row order: the same sums as one row at a time).
 template <class Acc, bool SelfDy, class T>
-void chunk_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const Acc* m, double* abc) {
+EIGEN_DONT_INLINE void chunk_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const Acc* m, double* abc) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
   alignas(64) Acc as[kColGroup] = {}, bs[kColGroup] = {}, cs[kColGroup] = {};
-  for (Index r = 0; r < nr; ++r) {
+  for (Index r = 0; r < nr; r += kRowsAtOnce) {
+    const Index rows = std::min(kRowsAtOnce, nr - r);
     const T* xr = x + r * ld;
     const T* gr = SelfDy ? nullptr : dy + r * ld;
     for (Index j = 0; j < nc; j += W) {
       const Index cnt = std::min(W, nc - j);
-      const P d = psub(load_n<Acc>(xr + j, cnt), load_n<Acc>(m + j, cnt));
-      const P g = SelfDy ? d : load_n<Acc>(gr + j, cnt);
-      Eigen::internal::pstore(as + j, padd(Eigen::internal::pload<P>(as + j), d));
-      Eigen::internal::pstore(bs + j, padd(Eigen::internal::pload<P>(bs + j), g));
-      Eigen::internal::pstore(cs + j, pmadd(g, d, Eigen::internal::pload<P>(cs + j)));
+      const P mj = load_n<Acc>(m + j, cnt);
+      P a = Eigen::internal::pload<P>(as + j), b = Eigen::internal::pload<P>(bs + j),
+        c = Eigen::internal::pload<P>(cs + j);
+      for (Index q = 0; q < rows; ++q) {
+        const P d = psub(load_n<Acc>(xr + q * ld + j, cnt), mj);
+        const P g = SelfDy ? d : load_n<Acc>(gr + q * ld + j, cnt);
+        a = padd(a, d);
+        b = padd(b, g);
+        c = pmadd(g, d, c);
+      }
+      Eigen::internal::pstore(as + j, a);
+      Eigen::internal::pstore(bs + j, b);
+      Eigen::internal::pstore(cs + j, c);
     }
   }
   for (Index j = 0; j < nc; ++j) {
@@ -403,8 +432,9 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
   const Index cols = v.cols(), groups = (cols + kColGroup - 1) / kColGroup;
   const Blocking bl = column_blocking(v);
   work.resize(static_cast<std::size_t>(3 * bl.blocks * cols));
-  std::vector<Acc> mcol(static_cast<std::size_t>(cols));  // the shift of every column
-  for (Index j = 0; j < cols; ++j) mcol[static_cast<std::size_t>(j)] = m[j / v.inner];
+  std::vector<Acc, Eigen::aligned_allocator<Acc>> mcol(static_cast<std::size_t>(cols));  // each column's shift
+  for (Index c = 0, j = 0; c < v.C; ++c)
+    for (Index i = 0; i < v.inner; ++i) mcol[static_cast<std::size_t>(j++)] = m[c];
   const double elems = double(bl.per_block * std::min(cols, kColGroup));
   parallel_for(dev, bl.blocks * groups, 2 * elems * sizeof(T), 4.0 * elems, [&](Index i0, Index i1) {
     for (Index i = i0; i < i1; ++i) {
@@ -568,20 +598,25 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
   // into a streamed line). The coefficients are repeated per column, over at least
   // cols + W entries, so that a packet starting at any column reads them contiguously.
   constexpr Index W = packet_size<Acc>;
+  // Every array starts packet-aligned: a load that splits two cache lines costs two.
   const Index cols = v.cols(), reps = (cols + W + cols - 1) / cols, len = reps * cols;
-  std::vector<Acc> coef(static_cast<std::size_t>(5 * len));
+  const Index stride = (len + W - 1) / W * W;
+  std::vector<Acc, Eigen::aligned_allocator<Acc>> coef(static_cast<std::size_t>(5 * stride));
   Acc* cm = coef.data();
-  Acc* ca = cm + len;
-  Acc* cb = ca + len;
-  Acc* ck = cb + len;
-  Acc* cg = ck + len;
-  for (Index j = 0; j < len; ++j) {
-    const Index c = (j % cols) / v.inner;
+  Acc* ca = cm + stride;
+  Acc* cb = ca + stride;
+  Acc* ck = cb + stride;
+  Acc* cg = ck + stride;
+  for (Index j = 0, c = 0, i = 0; j < len; ++j) {  // column j holds channel c, (j % cols) / inner
     cm[j] = p.m[c];
     ca[j] = p.a[c];
     cb[j] = p.b[c];
     ck[j] = has_dy ? p.k[c] : Acc(0);
     cg[j] = has_dy ? p.g[c] : Acc(0);
+    if (++i == v.inner) {
+      i = 0;
+      if (++c == v.C) c = 0;
+    }
   }
   const Index chunks = (v.outer + kChunkRows - 1) / kChunkRows;
   parallel_for(dev, chunks, bytes * cols * kChunkRows, 3.0 * cols * kChunkRows, [&](Index c0, Index c1) {
