@@ -65,6 +65,10 @@ template <class Acc, class T>
 std::vector<Acc> expand_param(const T* p, Index C, Index inner, Acc fill) {
   std::vector<Acc> out(static_cast<std::size_t>(C * inner), fill);
   if (!p) return out;
+  if (inner == 1) {  // the common case (tokens x features), as one vectorized conversion
+    for (Index c = 0; c < C; ++c) out[static_cast<std::size_t>(c)] = static_cast<Acc>(p[c]);
+    return out;
+  }
   for (Index c = 0; c < C; ++c)
     std::fill(out.begin() + c * inner, out.begin() + (c + 1) * inner, static_cast<Acc>(p[c]));
   return out;
