@@ -384,7 +384,7 @@ TYPED_TEST(BatchNormTest, ThreadCountsGiveBitwiseEqualResults) {
   using Acc = typename normkit::BatchNorm<T>::Acc;
   // Row path with several segments, NCHW, column path with several blocks, channels-last.
   for (const Case& c : {Case{{3, 4, 5000}, 1}, Case{{8, 16, 9, 9}, 1}, Case{{4000, 19}, 1},
-                        Case{{50, 7, 7, 24}, -1}, Case{{1030, 530}, 1}}) {
+                        Case{{50, 7, 7, 24}, -1}, Case{{1030, 530}, 1}, Case{{20000, 5}, 1}}) {
     with_rank(c.dims.size(), [&](auto rank) {
       constexpr int R = decltype(rank)::value;
       const Geo g = geo_of(c.dims, c.axis);
@@ -696,6 +696,61 @@ TEST(BatchNormNumericsTest, LargeOffsetNormalizesAccuratelyRowPath) {
 TEST(BatchNormNumericsTest, LargeOffsetNormalizesAccuratelyColumnPath) {
   large_offset_case<Eigen::RowMajor>({500, 2, 2, 5}, -1);
   large_offset_case<Eigen::ColMajor>({5, 4, 300}, 1);
+}
+
+// More rows than 64 blocks of one chunk (128 rows) each: a block's later chunks are summed
+// in one pass around the means of the chunk before, and go back to two passes where the
+// data drift away from those means. Channels: plain, offset 1e4 with spread 0.1, a tiny
+// spread, and (with drift) level jumps every 700 rows and a slow swing larger than the
+// spread, so that some chunks take one pass and some two.
+TEST(BatchNormNumericsTest, ChunksSummedInOnePassStayAccurate) {
+  for (bool drift : {false, true}) {
+    const std::vector<Index> dims{20000, 4};
+    const Geo g = geo_of(dims, 1);
+    Vec xs = nktest::random_vector(g.P * g.C * g.Q, 97);
+    for (long p = 0; p < g.P; ++p) {
+      xs[g.at(p, 1, 0)] = 1e4 + 0.1 * xs[g.at(p, 1, 0)];
+      xs[g.at(p, 2, 0)] = 1.0 + 1e-3 * xs[g.at(p, 2, 0)];
+      if (drift) {
+        xs[g.at(p, 0, 0)] += (p / 700) % 2 ? 3.0 : -2.0;
+        xs[g.at(p, 1, 0)] += std::sin(p / 300.0);
+        xs[g.at(p, 3, 0)] += 1e3 * ((p / 2000) % 3);
+      }
+    }
+    xs = nktest::quantized<float>(xs);
+    const Vec dys = nktest::quantized<float>(nktest::random_vector(g.P * g.C * g.Q, 98));
+    for (int layout = 0; layout < 2; ++layout) {
+      normkit::BatchNorm<float> bn(g.C);
+      Vec y, dx, dw;
+      std::vector<float> rstd, mean;
+      auto run = [&](auto x, auto dy) {
+        decltype(x) yt(x.dimensions()), dxt(x.dimensions());
+        normkit::BatchNorm<float>::Cache cache;
+        normkit::BatchNorm<float>::Grads grads;
+        bn.forward(x, yt, cache);
+        bn.backward(x, dy, cache, dxt, grads);
+        for (float v : nktest::logical(yt)) y.push_back(v);
+        for (float v : nktest::logical(dxt)) dx.push_back(v);
+        for (float v : nktest::values(grads.weight)) dw.push_back(v);
+        mean = nktest::values(cache.mean);
+        rstd = nktest::values(cache.invstd);
+      };
+      if (layout == 0)
+        run(nktest::make_tensor<float, 2, Eigen::RowMajor>(dims, xs), nktest::make_tensor<float, 2, Eigen::RowMajor>(dims, dys));
+      else
+        run(nktest::make_tensor<float, 2, Eigen::ColMajor>(dims, xs), nktest::make_tensor<float, 2, Eigen::ColMajor>(dims, dys));
+      const std::string where = std::string(drift ? "drifting" : "stationary") + (layout ? ", ColMajor" : ", RowMajor");
+      const RefStats s = ref_batch_stats(xs, g);
+      std::vector<LD> want_rstd;
+      for (LD v : s.var) want_rstd.push_back(1.0L / std::sqrt(v + 1e-5L));
+      nktest::expect_close(rstd, want_rstd, 0, 1e-5, "invstd, " + where);
+      nktest::expect_close(mean, s.mean, 1e-6, 1e-6, "mean, " + where);
+      nktest::expect_close(y, ref_normalize(xs, g, s, 1e-5L, nullptr, nullptr), 1e-4, 1e-5, "y, " + where);
+      const RefGrads want = ref_backward(true, xs, dys, g, s, 1e-5L, nullptr);
+      nktest::expect_close(dx, want.dx, 1e-4 * max_abs(want.dx), 1e-5, "dx, " + where);
+      nktest::expect_close(dw, want.dweight, 1e-4 * max_abs(want.dweight), 1e-5, "dweight, " + where);
+    }
+  }
 }
 
 // An outlier as the first value of a channel must not spoil its variance (a shift by

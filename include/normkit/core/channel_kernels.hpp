@@ -234,6 +234,48 @@ EIGEN_DONT_INLINE void tile_moments(const T* x, Index ld, Index nr, Index nc, co
   }
 }
 
+/// The chunk's moments in one pass, for every chunk of a block but the first: sums of
+/// d = x - shift and of d^2 (shift: the block's previous chunk means), row after row as
+/// chunk_means reads them, so that summing overlaps the first touch of the chunk instead
+/// of following it. cmean, cm2 as tile_moments gives them. One pass is as accurate as two
+/// only while the shift is near the mean: returns false, with the chunk still in L2 for
+/// the caller's two passes, where sum(d^2) > kOnePassSlack * M2 for some column (the
+/// rounding of sum(d^2) - sum(d)^2 / n is then no longer within a small factor of the
+/// two-pass one) or a sum is not finite.
+inline constexpr double kOnePassSlack = 1.5;
+template <class Acc, class T>
+EIGEN_DONT_INLINE bool chunk_moments(const T* x, Index ld, Index nr, Index nc, const Acc* shift, double* cmean,
+                                     double* cm2) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>;
+  alignas(64) Acc a[kColGroup] = {}, q[kColGroup] = {};
+  for (Index r = 0; r < nr; r += kRowsAtOnce) {
+    const Index rows = std::min(kRowsAtOnce, nr - r);
+    const T* xr = x + r * ld;
+    for (Index j = 0; j < nc; j += W) {
+      const Index cnt = std::min(W, nc - j);
+      const P sj = load_n<Acc>(shift + j, cnt);
+      P aj = Eigen::internal::pload<P>(a + j), qj = Eigen::internal::pload<P>(q + j);
+      for (Index k = 0; k < rows; ++k) {
+        const P d = psub(load_n<Acc>(xr + k * ld + j, cnt), sj);
+        aj = padd(aj, d);
+        qj = pmadd(d, d, qj);
+      }
+      Eigen::internal::pstore(a + j, aj);
+      Eigen::internal::pstore(q + j, qj);
+    }
+  }
+  const double inv_n = 1.0 / static_cast<double>(nr);
+  for (Index c = 0; c < nc; ++c) {
+    const double sa = a[c], sq = q[c], m2 = sq - sa * sa * inv_n;
+    if (!(sq <= kOnePassSlack * m2) && sq != 0) return false;  // also NaN and Inf
+    cmean[c] = static_cast<double>(shift[c]) + sa * inv_n;
+    cm2[c] = m2;
+  }
+  return true;
+}
+
 /// A chunk's moments (nb rows; cmean, cm2 per column) merged into its block's (na rows
 /// so far), Chan's update in structure of arrays: the weights are the same for every
 /// column, so it vectorizes.
@@ -296,11 +338,14 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
       for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += crows) {
         const Index nr = std::min(crows, bl.end(b) - r0);
         const T* xc = x + r0 * cols + j0;
-        chunk_means<Acc>(xc, cols, nr, nc, shift);
-        for (Index t = 0; t < nc; t += kMomentPackets * W)
-          tile_moments<Acc>(xc + t, cols, nr, std::min(kMomentPackets * W, nc - t), shift + t, cmean + t, cm2 + t);
+        if (n == 0 || !chunk_moments<Acc>(xc, cols, nr, nc, shift, cmean, cm2)) {
+          chunk_means<Acc>(xc, cols, nr, nc, shift);
+          for (Index t = 0; t < nc; t += kMomentPackets * W)
+            tile_moments<Acc>(xc + t, cols, nr, std::min(kMomentPackets * W, nc - t), shift + t, cmean + t, cm2 + t);
+        }
         merge_chunk(n, static_cast<double>(nr), nc, cmean, cm2, bmean, bm2);
         n += static_cast<double>(nr);
+        for (Index j = 0; j < nc; ++j) shift[j] = static_cast<Acc>(cmean[j]);  // the next chunk's
       }
       Moments* o = work.data() + b * cols + j0;
       for (Index j = 0; j < nc; ++j) o[j] = Moments{n, bmean[j], bm2[j]};
