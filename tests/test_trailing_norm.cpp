@@ -272,10 +272,11 @@ TYPED_TEST(TrailingNormTest, NanAndInfStayInTheirRow) {
       const std::size_t k = static_cast<std::size_t>(r * 19 + j);
       // The NaN poisons its row's statistics. Inf does too for LayerNorm (inf - inf);
       // RMSNorm's rstd becomes 0, so as in PyTorch the row is 0 but the Inf lane (NaN).
-      if (r == 1 || (r == 3 && (C::center || j == 18)))
+      if (r == 1 || (r == 3 && (C::center || j == 18))) {
         EXPECT_FALSE(std::isfinite(static_cast<double>(b[k]))) << r << "," << j;
-      else if (r != 3)
+      } else if (r != 3) {
         EXPECT_EQ(a[k], b[k]) << r << "," << j;
+      }
     }
 }
 
