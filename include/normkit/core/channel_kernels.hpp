@@ -663,11 +663,14 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
       if (++c == v.C) c = 0;
     }
   }
-  const Index chunks = (v.outer + kChunkRows - 1) / kChunkRows;
-  parallel_for(dev, chunks, bytes * cols * kChunkRows, 3.0 * cols * kChunkRows, [&](Index c0, Index c1) {
+  // Items of about 32 KiB of x (whole rows): elementwise, so any split gives the same
+  // values, and a fine one lets the threads of a pool share a tensor in cache evenly.
+  const Index mrows = std::clamp<Index>((Index(32) << 10) / (cols * Index(sizeof(T))), 1, kChunkRows);
+  const Index chunks = (v.outer + mrows - 1) / mrows;
+  parallel_for(dev, chunks, bytes * cols * mrows, 3.0 * cols * mrows, [&](Index c0, Index c1) {
     for (Index i = c0; i < c1; ++i) {
-      const Index r0 = (chunks - 1 - i) * kChunkRows, off = r0 * cols;
-      const Index n = std::min(kChunkRows, v.outer - r0) * cols;
+      const Index r0 = (chunks - 1 - i) * mrows, off = r0 * cols;
+      const Index n = std::min(mrows, v.outer - r0) * cols;
       if (has_dy)
         chunk_map<true>(x + off, dy + off, out + off, n, cols, cm, ca, cb, ck, cg, stream);
       else
