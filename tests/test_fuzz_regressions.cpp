@@ -23,6 +23,10 @@
 // 5. BatchNorm<double> eval backward with a subnormal weight * rstd (the long-double
 //    path): it read the running mean, and a NaN running mean gave NaN dx, although eval
 //    dx = dy * weight * rstd does not involve it (replay input 157031).
+// 7. BatchNorm<float> backward with batch statistics, dy ~ 1e-42 and a spread of 5e-5:
+//    sum(dy * (x - m)) underflowed in float (each product ~ 4e-47), so mean(dy * xhat) was
+//    lost and dx came out as rstd * (dy - mean(dy)) ~ 1.7e-38 where it is 0 (replay input
+//    296698). The backward sums are now of dy * xhat, xhat = (x - m) * rstd.
 #include <gtest/gtest.h>
 #include <normkit/normkit.hpp>
 
@@ -270,6 +274,36 @@ TEST(RMSNormColumnTest, SubnormalWeightsTinyValues) {
     dys.insert(dys.end(), row.size(), -4.0);
   }
   check_rms_rows(xs, dys, 5, std::numeric_limits<double>::min(), w);
+}
+
+// Two values per channel: dx = rstd * (dy - mean(dy) - xhat * mean(dy * xhat)) is 0 up to
+// eps / var (xhat = -+1), whatever dy is. Column path ([2, 1], channel last) and row path
+// ([1, 1, 64], the pair repeated).
+TEST(BatchNormUnderflowTest, TinyDyTinySpreadGivesZeroDx) {
+  const float x0 = 2.0002694129943848f, x1 = 2.0003702640533447f;
+  const float g0 = 8.1975960163001799e-43f, g1 = -8.8562062945328439e-43f;
+  for (Index inner : {Index(1), Index(64)}) {
+    const Index outer = inner == 1 ? 2 : 1, n = outer * inner;
+    Eigen::Tensor<float, 3, Eigen::RowMajor> x(outer, 1, inner), y(outer, 1, inner), dy(outer, 1, inner),
+        dx(outer, 1, inner);
+    for (Index i = 0; i < n; ++i) {
+      x.data()[i] = i % 2 ? x1 : x0;
+      dy.data()[i] = i % 2 ? g1 : g0;
+    }
+    normkit::BatchNorm<float> bn(1, normkit::BatchNormOptions().eps(1e-30).affine(false));
+    normkit::BatchNorm<float>::Cache cache;
+    normkit::BatchNorm<float>::Grads grads;
+    bn.forward(x, y, cache);
+    bn.backward(x, dy, cache, dx, grads);
+    const nkref::Shape3 s{n, 1, 1};
+    const std::vector<nkref::LD> xl(x.data(), x.data() + n), dyl(dy.data(), dy.data() + n);
+    nkref::Params p;
+    p.eps = 1e-30L;
+    const nkref::Result want = nkref::normalize(true, false, xl, dyl, s, p);
+    expect_like_fuzz<float>(("dx, inner " + std::to_string(inner)).c_str(), std::vector<double>(dx.data(), dx.data() + n),
+                            want.dx, want.dx_scale, want.dx_amp);
+    for (Index i = 0; i < n; ++i) EXPECT_LT(std::fabs(dx.data()[i]), 1e-39f) << "inner " << inner << ", dx[" << i << "]";
+  }
 }
 
 }  // namespace

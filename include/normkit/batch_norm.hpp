@@ -294,7 +294,7 @@ class BatchNorm {
         for (Index c = 0; c < C; ++c) any |= (offset[c] = offset_channel(mean[c], r[c])) != 0;
         if (any) {
           std::vector<double> sums(static_cast<std::size_t>(3 * C)), work;
-          detail::channel_grad_sums<T, Acc, true>(dev, x.data(), nullptr, m.data(), v, work, sums.data());
+          detail::channel_grad_sums<T, Acc, true>(dev, x.data(), nullptr, m.data(), nullptr, v, work, sums.data());
           if (red) red->allreduce_sum(sums.data(), 3 * C);
           for (Index c = 0; c < C; ++c) {
             if (!offset[c]) continue;
@@ -467,7 +467,8 @@ class BatchNorm {
       return;
     }
 
-    // A = sum(x - m), B = sum(dy), Cc = sum(dy * (x - m)) per channel, over all processes;
+    // A = sum(xh), B = sum(dy), Cc = sum(dy * xh) per channel with xh = (x - m) * rstd, over
+    // all processes;
     // for the channels forward sent through long double, (0, B, sum(dy * xhat)) from there.
     std::vector<double> sums(static_cast<std::size_t>(3 * C), 0.0);
     const Acc* m = cache.mean.data();
@@ -479,7 +480,7 @@ class BatchNorm {
     std::vector<detail::WideChannel> overflowed;  // reserved, so the pointers stay valid
     for (const detail::WideChannel& w : cache.wide) was_wide[static_cast<std::size_t>(w.channel)] = &w;
     if (need_sums) {
-      detail::channel_grad_sums<T, Acc>(dev, x.data(), dy.data(), m, v, grads.work, sums.data());
+      detail::channel_grad_sums<T, Acc>(dev, x.data(), dy.data(), m, cache.invstd.data(), v, grads.work, sums.data());
       for (const detail::WideChannel& w : cache.wide) {
         long double sb = 0, sc = 0;
         detail::for_each_in_channel(v, w.channel, [&](Index i) {
@@ -600,9 +601,10 @@ class BatchNorm {
       const bool exact = ww && exact_wide;
       const Fin A = sums[c], B = exact ? static_cast<Fin>(wide_sums[static_cast<std::size_t>(c)][0]) : sums[C + c],
                 Cc = exact ? static_cast<Fin>(wide_sums[static_cast<std::size_t>(c)][1]) : sums[2 * C + c];
-      // In batch mode m is the rounded batch mean; A / n is what it misses.
+      // In batch mode m is the rounded batch mean; corr = A / n is what it misses, times
+      // rstd (the sums are of xh = (x - m) * rstd = xhat + corr).
       const Fin corr = batch && n > 0 && !ww ? A / n : 0;
-      const Fin sum_dy_xhat = ww ? Cc : (Cc - corr * B) * r;
+      const Fin sum_dy_xhat = ww ? Cc : Cc - corr * B;
       if (affine) {
         grads.weight(c) = static_cast<T>(static_cast<double>(sum_dy_xhat));
         grads.bias(c) = static_cast<T>(static_cast<double>(B));
@@ -611,10 +613,11 @@ class BatchNorm {
       Fin a1 = 0, b1 = 0;
       if (batch && n > 0) {
         a1 = -r * sum_dy_xhat / n;
-        b1 = k1 * (-B / n - a1 * corr);
+        b1 = k1 * (-B / n + sum_dy_xhat / n * corr);  // k1 (-B / n - a1 corr / r)
       }
       if (ww || out_of_range({k1, a1, b1})) {
-        const long double mean = ww ? ww->mean : static_cast<long double>(m[c]) + corr;
+        const long double mean =
+            ww ? ww->mean : static_cast<long double>(m[c]) + (corr != 0 ? static_cast<long double>(corr) / r : 0);
         wide.push_back({c, mean, r, k1, batch && n > 0 ? B / n : 0, batch && n > 0 ? sum_dy_xhat / n : 0, batch});
         a[c] = b[c] = k[c] = Acc(0);  // the vector pass writes 0; the wide pass the values
         continue;

@@ -358,19 +358,22 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
 
 // ---- backward sums ----------------------------------------------------------------
 
-/// A = sum(x - m), B = sum(dy), Cc = sum(dy * (x - m)) over a contiguous run, in Acc.
-/// SelfDy: dy is x - m itself, so that Cc = sum((x - m)^2) (dy unused).
+/// A = sum(d), B = sum(dy), Cc = sum(dy * d) with d = (x - m) * r over a contiguous run,
+/// in Acc. The backward passes r = rstd, so that d is xhat (of order 1): dy * (x - m)
+/// would underflow where dy and the spread are both small (dy ~ 1e-42, std ~ 1e-5 in
+/// float) and lose what dy * xhat keeps. SelfDy: dy is d itself, so that Cc = sum(d^2)
+/// (dy unused).
 template <class Acc, bool SelfDy = false, class T>
-EIGEN_DONT_INLINE void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, double* abc) {
+EIGEN_DONT_INLINE void segment_grad_sums(const T* x, const T* dy, Index n, Acc m, Acc r, double* abc) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
-  const P pm = pset1<P>(m);
+  const P pm = pset1<P>(m), pr = pset1<P>(r);
   P a0 = zero<Acc>(), a1 = zero<Acc>(), b0 = zero<Acc>(), b1 = zero<Acc>();
   P c0 = zero<Acc>(), c1 = zero<Acc>();
   Index i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    const P d0 = psub(load<Acc>(x + i), pm), d1 = psub(load<Acc>(x + i + W), pm);
+    const P d0 = pmul(psub(load<Acc>(x + i), pm), pr), d1 = pmul(psub(load<Acc>(x + i + W), pm), pr);
     const P g0 = SelfDy ? d0 : load<Acc>(dy + i), g1 = SelfDy ? d1 : load<Acc>(dy + i + W);
     a0 = padd(a0, d0);
     a1 = padd(a1, d1);
@@ -381,15 +384,15 @@ EIGEN_DONT_INLINE void segment_grad_sums(const T* x, const T* dy, Index n, Acc m
   }
   Acc A = predux(padd(a0, a1)), B = predux(padd(b0, b1)), C = predux(padd(c0, c1));
   for (; i < n; ++i) {
-    const Acc d = static_cast<Acc>(x[i]) - m, g = SelfDy ? d : static_cast<Acc>(dy[i]);
+    const Acc d = (static_cast<Acc>(x[i]) - m) * r, g = SelfDy ? d : static_cast<Acc>(dy[i]);
     A += d;
     B += g;
     C += g * d;
   }
   if constexpr (std::is_same_v<Acc, float>) {
     if (!(std::isfinite(A) && std::isfinite(B) && std::isfinite(C)) && all_finite(x, n) &&
-        (SelfDy || all_finite(dy, n)) && std::isfinite(m)) {
-      segment_grad_sums<double, SelfDy>(x, dy, n, static_cast<double>(m), abc);
+        (SelfDy || all_finite(dy, n)) && std::isfinite(m) && std::isfinite(r)) {
+      segment_grad_sums<double, SelfDy>(x, dy, n, static_cast<double>(m), static_cast<double>(r), abc);
       return;
     }
   }
@@ -399,11 +402,12 @@ EIGEN_DONT_INLINE void segment_grad_sums(const T* x, const T* dy, Index n, Acc m
 }
 
 /// The same over nc <= kColGroup columns of nr rows (leading dimension ld), added into
-/// abc[3 * c + {0, 1, 2}]; m is per column. Row after row, so that memory is read in
+/// abc[3 * c + {0, 1, 2}]; m and r are per column. Row after row, so that memory is read in
 /// order; the per-column partial sums live in L1, loaded and stored once per
 /// kRowsAtOnce rows (added in row order: the same sums as one row at a time).
 template <class Acc, bool SelfDy, class T>
-EIGEN_DONT_INLINE void chunk_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const Acc* m, double* abc) {
+EIGEN_DONT_INLINE void chunk_grad_sums(const T* x, const T* dy, Index ld, Index nr, Index nc, const Acc* m,
+                                       const Acc* rs, double* abc) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
@@ -414,11 +418,11 @@ EIGEN_DONT_INLINE void chunk_grad_sums(const T* x, const T* dy, Index ld, Index 
     const T* gr = SelfDy ? nullptr : dy + r * ld;
     for (Index j = 0; j < nc; j += W) {
       const Index cnt = std::min(W, nc - j);
-      const P mj = load_n<Acc>(m + j, cnt);
+      const P mj = load_n<Acc>(m + j, cnt), rj = load_n<Acc>(rs + j, cnt);
       P a = Eigen::internal::pload<P>(as + j), b = Eigen::internal::pload<P>(bs + j),
         c = Eigen::internal::pload<P>(cs + j);
       for (Index q = 0; q < rows; ++q) {
-        const P d = psub(load_n<Acc>(xr + q * ld + j, cnt), mj);
+        const P d = pmul(psub(load_n<Acc>(xr + q * ld + j, cnt), mj), rj);
         const P g = SelfDy ? d : load_n<Acc>(gr + q * ld + j, cnt);
         a = padd(a, d);
         b = padd(b, g);
@@ -432,10 +436,11 @@ EIGEN_DONT_INLINE void chunk_grad_sums(const T* x, const T* dy, Index ld, Index 
   for (Index j = 0; j < nc; ++j) {
     double* o = abc + 3 * j;
     if (std::is_same_v<Acc, float> && !(std::isfinite(as[j]) && std::isfinite(bs[j]) && std::isfinite(cs[j])) &&
-        all_finite(x + j, nr, ld) && (SelfDy || all_finite(dy + j, nr, ld)) && std::isfinite(m[j])) {
-      for (Index r = 0; r < nr; ++r) {
-        const double d = static_cast<double>(x[r * ld + j]) - static_cast<double>(m[j]);
-        const double g = SelfDy ? d : static_cast<double>(dy[r * ld + j]);
+        all_finite(x + j, nr, ld) && (SelfDy || all_finite(dy + j, nr, ld)) && std::isfinite(m[j]) &&
+        std::isfinite(rs[j])) {
+      for (Index i = 0; i < nr; ++i) {
+        const double d = (static_cast<double>(x[i * ld + j]) - static_cast<double>(m[j])) * static_cast<double>(rs[j]);
+        const double g = SelfDy ? d : static_cast<double>(dy[i * ld + j]);
         o[0] += d;
         o[1] += g;
         o[2] += g * d;
@@ -448,10 +453,11 @@ EIGEN_DONT_INLINE void chunk_grad_sums(const T* x, const T* dy, Index ld, Index 
   }
 }
 
-/// Per-channel A, B, Cc around the per-channel shift m[C]: out[3 * C] as A[C], B[C], Cc[C].
-/// SelfDy (dy null): B = A and Cc = sum((x - m)^2), the moments around m.
+/// Per-channel A, B, Cc of d = (x - m) * r, m[C] and r[C] per channel (r null: 1):
+/// out[3 * C] as A[C], B[C], Cc[C]. SelfDy (dy null): B = A and Cc = sum(d^2), the
+/// moments around m.
 template <class T, class Acc, bool SelfDy = false, class Dev>
-void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, const ChannelView& v,
+void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, const Acc* r, const ChannelView& v,
                        std::vector<double>& work, double* out) {
   std::fill(out, out + 3 * v.C, 0.0);
   if (v.size() == 0) return;
@@ -463,7 +469,8 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
       for (Index i = i0; i < i1; ++i) {
         const Index row = i / segs, sg = i % segs, c = row % v.C;
         const Index n = std::min(kSeg, v.inner - sg * kSeg), off = row * v.inner + sg * kSeg;
-        segment_grad_sums<Acc, SelfDy>(x + off, SelfDy ? nullptr : dy + off, n, m[c], work.data() + 3 * i);
+        segment_grad_sums<Acc, SelfDy>(x + off, SelfDy ? nullptr : dy + off, n, m[c], r ? r[c] : Acc(1),
+                                       work.data() + 3 * i);
       }
     });
     for (Index c = 0; c < v.C; ++c)
@@ -477,9 +484,12 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
   const Index cols = v.cols(), groups = (cols + kColGroup - 1) / kColGroup;
   const Blocking bl = column_blocking(v);
   work.resize(static_cast<std::size_t>(3 * bl.blocks * cols));
-  std::vector<Acc, Eigen::aligned_allocator<Acc>> mcol(static_cast<std::size_t>(cols));  // each column's shift
+  std::vector<Acc, Eigen::aligned_allocator<Acc>> mcol(static_cast<std::size_t>(cols)), rcol(mcol.size());
   for (Index c = 0, j = 0; c < v.C; ++c)
-    for (Index i = 0; i < v.inner; ++i) mcol[static_cast<std::size_t>(j++)] = m[c];
+    for (Index i = 0; i < v.inner; ++i, ++j) {  // each column's shift and scale
+      mcol[static_cast<std::size_t>(j)] = m[c];
+      rcol[static_cast<std::size_t>(j)] = r ? r[c] : Acc(1);
+    }
   const double elems = double(bl.per_block * std::min(cols, kColGroup));
   parallel_for(dev, bl.blocks * groups, 2 * elems * sizeof(T), 4.0 * elems, [&](Index i0, Index i1) {
     for (Index i = i0; i < i1; ++i) {
@@ -489,7 +499,7 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
       for (Index r0 = bl.begin(b); r0 < bl.end(b); r0 += kChunkRows) {
         const Index nr = std::min(kChunkRows, bl.end(b) - r0);
         chunk_grad_sums<Acc, SelfDy>(x + r0 * cols + j0, SelfDy ? nullptr : dy + r0 * cols + j0, cols, nr, nc,
-                                     mcol.data() + j0, o);
+                                     mcol.data() + j0, rcol.data() + j0, o);
       }
     }
   });
