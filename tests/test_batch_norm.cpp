@@ -702,7 +702,9 @@ TEST(BatchNormNumericsTest, LargeOffsetNormalizesAccuratelyColumnPath) {
 // in one pass around the means of the chunk before, and go back to two passes where the
 // data drift away from those means. Channels: plain, offset 1e4 with spread 0.1, a tiny
 // spread, and (with drift) level jumps every 700 rows and a slow swing larger than the
-// spread, so that some chunks take one pass and some two.
+// spread, so that some chunks take one pass and some two. RowMajor [20000, 4] with axis 1 is
+// the column path, where the one-pass sums live; ColMajor makes the channel the outer axis
+// (the row path) and checks the same data through the other kernels.
 TEST(BatchNormNumericsTest, ChunksSummedInOnePassStayAccurate) {
   for (bool drift : {false, true}) {
     const std::vector<Index> dims{20000, 4};
