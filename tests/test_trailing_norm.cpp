@@ -449,6 +449,63 @@ void large_offset_case() {
 TEST(LayerNormTest, LargeOffsetRowsNormalizeAccuratelyRowMajor) { large_offset_case<Eigen::RowMajor>(); }
 TEST(LayerNormTest, LargeOffsetRowsNormalizeAccuratelyColMajor) { large_offset_case<Eigen::ColMajor>(); }
 
+// Row statistics are summed in one pass around a shift (the mean of the row's first
+// packet) where that is as accurate as two passes, else in two passes. Rows of both
+// kinds, near zero and at 1e4 (the careful path that keeps the mean as two numbers):
+// every y within 8 ulp of max(1, the row's largest |y|) of the long-double result on
+// the same float inputs. The budget: rows whose mean is within 4 standard deviations of
+// zero are normalized as fma(x, rstd, -mean * rstd), and mean * rstd (up to 4) rounds
+// to 2 ulp of 1; the rounding of the mean itself costs as much again, then rstd's
+// and the fma's. Measured: contiguous rows at most 2.7 with two passes only, 2.6 with
+// one-pass rows; ColMajor (strided columns, always two passes) 4.4 on the ramp, whose
+// mean is 2.9 std from zero. The floor of 1: a row of one element, whose variance is
+// 0, normalizes to 0 within that.
+template <int L>
+void one_pass_rows_case(Index F) {
+  const Index rows = 64;
+  enum Kind { kStationary, kOffsetMean, kOutlierHead, kRamp, kLargeOffset, kLargeOffsetHead };
+  for (int kind = kStationary; kind <= kLargeOffsetHead; ++kind) {
+    std::mt19937 gen(static_cast<unsigned>(kind + 17));
+    std::normal_distribution<double> n01(0, 1);
+    std::vector<double> xs(static_cast<std::size_t>(rows * F));
+    for (Index r = 0; r < rows; ++r)
+      for (Index j = 0; j < F; ++j) {
+        const double z = n01(gen), head = j < 8 ? 1.0 : 0.0;  // the first packet
+        double v = z;
+        if (kind == kOffsetMean) v = 3 + z;
+        if (kind == kOutlierHead) v = z + 50 * head;  // shift 50 std from the mean: two passes
+        if (kind == kRamp) v = 0.01 * static_cast<double>(j) + 0.001 * z;  // drifts: two passes
+        if (kind == kLargeOffset) v = 1e4 + 0.1 * z;
+        if (kind == kLargeOffsetHead) v = 1e4 + 0.1 * z + head;
+        xs[static_cast<std::size_t>(r * F + j)] = static_cast<double>(static_cast<float>(v));
+      }
+    normkit::LayerNorm<float> ln(F);
+    auto x = nktest::make_tensor<float, 2, L>({rows, F}, xs);
+    Eigen::Tensor<float, 2, L> y(rows, F);
+    ln.forward(x, y);
+    const auto got = nktest::logical(y);
+    const auto want = nktest::ref::norm_forward(true, xs, rows, F, 1e-5L, nullptr, nullptr);
+    LD worst = 0;
+    for (Index r = 0; r < rows; ++r) {
+      LD ymax = 0;
+      for (Index j = 0; j < F; ++j) ymax = std::max(ymax, std::fabs(want.y[static_cast<std::size_t>(r * F + j)]));
+      const LD ulp = std::max(ymax, LD(1)) * std::numeric_limits<float>::epsilon();
+      for (Index j = 0; j < F; ++j) {
+        const std::size_t k = static_cast<std::size_t>(r * F + j);
+        worst = std::max(worst, std::fabs(static_cast<LD>(got[k]) - want.y[k]) / ulp);
+      }
+    }
+    EXPECT_LE(worst, 8.0L) << "F " << F << " kind " << kind;
+  }
+}
+
+TEST(LayerNormTest, RowsSummedInOneOrTwoPassesStayWithinEightUlp) {
+  for (Index F : {1, 5, 8, 13, 768, 1000}) {
+    one_pass_rows_case<Eigen::RowMajor>(F);
+    one_pass_rows_case<Eigen::ColMajor>(F);
+  }
+}
+
 TEST(LayerNormTest, ConstantRowsGiveFiniteOutput) {
   normkit::LayerNorm<float> ln(37);
   Eigen::Tensor<float, 2, Eigen::RowMajor> x(3, 37), y(3, 37), dx(3, 37), dy(3, 37);

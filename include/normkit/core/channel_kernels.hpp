@@ -239,10 +239,8 @@ EIGEN_DONT_INLINE void tile_moments(const T* x, Index ld, Index nr, Index nc, co
 /// chunk_means reads them, so that summing overlaps the first touch of the chunk instead
 /// of following it. cmean, cm2 as tile_moments gives them. One pass is as accurate as two
 /// only while the shift is near the mean: returns false, with the chunk still in L2 for
-/// the caller's two passes, where sum(d^2) > kOnePassSlack * M2 for some column (the
-/// rounding of sum(d^2) - sum(d)^2 / n is then no longer within a small factor of the
-/// two-pass one) or a sum is not finite.
-inline constexpr double kOnePassSlack = 1.5;
+/// the caller's two passes, where sum(d^2) > kOnePassSlack * M2 for some column (see
+/// norm_kernels.hpp) or a sum is not finite.
 template <class Acc, class T>
 EIGEN_DONT_INLINE bool chunk_moments(const T* x, Index ld, Index nr, Index nc, const Acc* shift, double* cmean,
                                      double* cm2) {

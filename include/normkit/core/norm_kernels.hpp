@@ -148,27 +148,91 @@ void row_forward_wide(const T* x, T* y, Index n, Index stride, Acc eps, Affine<T
   rstd = static_cast<Acc>(r);
 }
 
+/// One pass of moments is as accurate as two while its shift is near the mean: with
+/// S1 = sum(x - s), S2 = sum((x - s)^2), the rounding of M2 = S2 - S1^2 / n is that of
+/// the two-pass sum of squares times about S2 / M2 = 1 + n (mean - s)^2 / M2. One-pass
+/// results are kept while S2 <= kOnePassSlack * M2 (a shift within 0.7 standard
+/// deviations of the mean), else the moments are summed again in two passes.
+inline constexpr double kOnePassSlack = 1.5;
+
+/// The shift of a row's one-pass moments: the mean of its first packet (of its first
+/// element when shorter), a fraction of a standard deviation from the row's mean unless
+/// the row drifts or starts with outliers.
+template <class Acc, class T>
+EIGEN_STRONG_INLINE Acc row_shift(const T* x, Index n) {
+  using namespace simd;
+  constexpr Index W = packet_size<Acc>;
+  if (n < W) return static_cast<Acc>(x[0]);
+  return predux(load<Acc>(x)) * (Acc(1) / static_cast<Acc>(W));
+}
+
+/// The moments of a row in one pass around s = row_shift: s, d = mean - s and var (the
+/// mean is s + d, kept as two numbers: a row at 1e4 with std 0.1 has a mean no float
+/// holds to the precision its spread needs). False, with only s set, where one pass is
+/// not accurate enough (see kOnePassSlack) or a sum is not finite.
+template <class Acc, class T>
+bool row_moments_one_pass(const T* x, Index n, Acc& s, Acc& d, Acc& var) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  constexpr Index W = packet_size<Acc>, K = kRowAcc / 2;
+  s = row_shift<Acc>(x, n);
+  const P ps = pset1<P>(s);
+  P a[K], q[K];
+  for (Index k = 0; k < K; ++k) a[k] = q[k] = zero<Acc>();
+  Index i = 0;
+  for (; i + K * W <= n; i += K * W)
+    for (Index k = 0; k < K; ++k) {
+      const P v = psub(load<Acc>(x + i + k * W), ps);
+      a[k] = padd(a[k], v);
+      q[k] = pmadd(v, v, q[k]);
+    }
+  for (; i + W <= n; i += W) {
+    const P v = psub(load<Acc>(x + i), ps);
+    a[0] = padd(a[0], v);
+    q[0] = pmadd(v, v, q[0]);
+  }
+  Acc s1 = predux(tree_sum<K>(a)), s2 = predux(tree_sum<K>(q));
+  for (; i < n; ++i) {
+    const Acc v = static_cast<Acc>(x[i]) - s;
+    s1 += v;
+    s2 += v * v;
+  }
+  // Divide, not * (1/n): for a constant row x - s is the same e for every element, and
+  // n e / n gives e back exactly (so y = b), while n e * fl(1/n) leaves a residual of
+  // ulp(e) that a tiny eps turns into xhat = +-1.
+  d = s1 / static_cast<Acc>(n);
+  const Acc m2 = s2 - s1 * d;
+  if (!(std::isfinite(m2) && s2 <= static_cast<Acc>(kOnePassSlack) * m2)) return false;
+  var = m2 / static_cast<Acc>(n);
+  return true;
+}
+
 /// One contiguous row: statistics, then y. y may alias x.
-///   pass 1  m = mean(x)                         1 add per element
-///   pass 2  var = mean((x - m)^2)               sub + fma (x is in L1 by now)
-///   pass 3  y = fma(x, rstd, -m * rstd) * w + b  2 fma
-/// Rows with a large offset redo passes 2-3 around m with a correction term d.
+///   pass 1  s, d, var in one pass (row_moments_one_pass)   sub, add, fma per element
+///   pass 2  y = fma(x, rstd, -mean * rstd) * w + b          2 fma (x is in L1 by now)
+/// Rows with a large offset (see kFastOffset) use ((x - s) - d) * rstd in pass 2. Rows
+/// where one pass is not accurate enough (a shift far from the mean) sum mean(x), then
+/// mean((x - m)^2) (and, with a large offset, d = mean(x - m) and mean(((x - m) - d)^2)).
 template <bool Center, bool HasW, bool HasB, class Acc, class T>
 void row_forward(const T* x, T* y, Index n, Acc eps, Affine<T> p, bool stream, Acc& mean,
                  Acc& rstd) {
   using namespace simd;
   using P = packet_t<Acc>;
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  const Acc m = Center ? row_sum<false>(x, n, Acc(0)) * inv_n : Acc(0);
-  Acc var = row_sum_sq<Center, false>(x, n, m, Acc(0)) * inv_n;
+  Acc m = 0, d = 0, var = 0;  // the mean is m + d
+  const bool one = Center && row_moments_one_pass(x, n, m, d, var);
+  if (!one) {
+    d = 0;
+    m = Center ? row_sum<false>(x, n, Acc(0)) * inv_n : Acc(0);
+    var = row_sum_sq<Center, false>(x, n, m, Acc(0)) * inv_n;
+  }
   Acc r = Acc(1) / std::sqrt(var + eps);
-  Acc d = 0;
-  const bool fast = !Center || fast_row(m, r);
-  if (!fast) {
-    // Divide, not * inv_n: for a constant row x - m is the same e for every element,
-    // and n e / n gives e back exactly (so y = b), while n e * fl(1/n) leaves a residual
-    // of ulp(e) that a tiny eps turns into xhat = +-1.
-    d = row_sum<true>(x, n, m) / static_cast<Acc>(n);
+  const bool fast = !Center || fast_row(m + d, r);
+  if (fast) {
+    m += d;
+    d = 0;
+  } else if (!one) {
+    d = row_sum<true>(x, n, m) / static_cast<Acc>(n);  // divide: see row_moments_one_pass
     var = row_sum_sq<true, true>(x, n, m, d) * inv_n;
     r = Acc(1) / std::sqrt(var + eps);
   }
@@ -189,7 +253,7 @@ void row_forward(const T* x, T* y, Index n, Acc eps, Affine<T> p, bool stream, A
     else
       return v;
   };
-  // Pass 3 also prefetches the next row (contiguous after this one).
+  // Pass 2 also prefetches the next row (contiguous after this one).
   if (fast) {
     for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, auto st) {
       prefetch(x, n + i);
@@ -332,7 +396,7 @@ void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, c
   using P = packet_t<Acc>;
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
   const bool fast = !Center || fast_row(mean, rstd);
-  const Acc c = fast ? Acc(0) : row_sum<true>(x, n, mean) / static_cast<Acc>(n);  // exact as in row_forward
+  const Acc c = fast ? Acc(0) : row_sum<true>(x, n, mean) / static_cast<Acc>(n);  // divide, as row_forward
   auto run = [&](auto fast_c) {
     constexpr bool Fast = decltype(fast_c)::value;
     const RowXhat<Fast, Acc> xhat(mean, rstd, c);
