@@ -99,40 +99,13 @@ inline Blocking column_blocking(const ChannelView& v) {
 
 // ---- moments ---------------------------------------------------------------------
 
-/// sum(x - m) and sum((x - m)^2) of a contiguous run, two accumulators each; the run is
-/// in L1 by now, and the next one (contiguous after it) is prefetched meanwhile.
-template <class Acc, class T>
-void sum_d_d2(const T* x, Index n, Acc m, Acc& sd, Acc& sd2) {
-  using namespace simd;
-  using P = packet_t<Acc>;
-  constexpr Index W = packet_size<Acc>;
-  const P pm = pset1<P>(m);
-  P a0 = zero<Acc>(), a1 = zero<Acc>(), q0 = zero<Acc>(), q1 = zero<Acc>();
-  Index i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    prefetch(x, n + i);
-    const P d0 = psub(load<Acc>(x + i), pm), d1 = psub(load<Acc>(x + i + W), pm);
-    a0 = padd(a0, d0);
-    a1 = padd(a1, d1);
-    q0 = pmadd(d0, d0, q0);
-    q1 = pmadd(d1, d1, q1);
-  }
-  sd = predux(padd(a0, a1));
-  sd2 = predux(padd(q0, q1));
-  for (; i < n; ++i) {
-    const Acc d = static_cast<Acc>(x[i]) - m;
-    sd += d;
-    sd2 += d * d;
-  }
-}
-
 /// Moments of a contiguous segment (n >= 1), two-pass in Acc.
 template <class Acc, class T>
 EIGEN_DONT_INLINE Moments segment_moments(const T* x, Index n) {
   const Acc s = static_cast<Acc>(x[0]);
   const Acc m = s + row_sum<true>(x, n, s) / static_cast<Acc>(n);
   Acc sd, sd2;
-  sum_d_d2<Acc>(x, n, m, sd, sd2);
+  sum_d_d2<true>(x, n, m, sd, sd2);  // the run is in L1 by now; prefetch the next
   if constexpr (std::is_same_v<Acc, float>) {
     if (!(std::isfinite(sd) && std::isfinite(sd2)) && all_finite(x, n))
       return segment_moments<double>(x, n);

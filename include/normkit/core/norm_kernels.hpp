@@ -21,6 +21,7 @@
 //   float) are redone in a wider type; NaN and Inf stay in their own row.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #include "simd.hpp"
@@ -166,37 +167,52 @@ EIGEN_STRONG_INLINE Acc row_shift(const T* x, Index n) {
   return predux(load<Acc>(x)) * (Acc(1) / static_cast<Acc>(W));
 }
 
-/// The moments of a row in one pass around s = row_shift: s, d = mean - s and var (the
-/// mean is s + d, kept as two numbers: a row at 1e4 with std 0.1 has a mean no float
-/// holds to the precision its spread needs). False, with only s set, where one pass is
-/// not accurate enough (see kOnePassSlack) or a sum is not finite.
-template <class Acc, class T>
-bool row_moments_one_pass(const T* x, Index n, Acc& s, Acc& d, Acc& var) {
+/// sum(x - m) and sum((x - m)^2) of a contiguous run in one traversal, kRowAcc / 2
+/// accumulators each; with Prefetch, the next run (contiguous after this one) is asked
+/// for meanwhile, a line per 64 bytes.
+template <bool Prefetch = false, class Acc, class T>
+void sum_d_d2(const T* x, Index n, Acc m, Acc& sd, Acc& sd2) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>, K = kRowAcc / 2;
-  s = row_shift<Acc>(x, n);
-  const P ps = pset1<P>(s);
+  constexpr Index kLine = std::max<Index>(1, 64 / Index(sizeof(T)));
+  const P pm = pset1<P>(m);
   P a[K], q[K];
   for (Index k = 0; k < K; ++k) a[k] = q[k] = zero<Acc>();
   Index i = 0;
-  for (; i + K * W <= n; i += K * W)
+  for (; i + K * W <= n; i += K * W) {
+    if constexpr (Prefetch)
+      for (Index l = 0; l < K * W; l += kLine) prefetch(x, n + i + l);
     for (Index k = 0; k < K; ++k) {
-      const P v = psub(load<Acc>(x + i + k * W), ps);
+      const P v = psub(load<Acc>(x + i + k * W), pm);
       a[k] = padd(a[k], v);
       q[k] = pmadd(v, v, q[k]);
     }
+  }
   for (; i + W <= n; i += W) {
-    const P v = psub(load<Acc>(x + i), ps);
+    if constexpr (Prefetch) prefetch(x, n + i);
+    const P v = psub(load<Acc>(x + i), pm);
     a[0] = padd(a[0], v);
     q[0] = pmadd(v, v, q[0]);
   }
-  Acc s1 = predux(tree_sum<K>(a)), s2 = predux(tree_sum<K>(q));
+  sd = predux(tree_sum<K>(a));
+  sd2 = predux(tree_sum<K>(q));
   for (; i < n; ++i) {
-    const Acc v = static_cast<Acc>(x[i]) - s;
-    s1 += v;
-    s2 += v * v;
+    const Acc v = static_cast<Acc>(x[i]) - m;
+    sd += v;
+    sd2 += v * v;
   }
+}
+
+/// The moments of a row in one pass around s = row_shift: s, d = mean - s and var (the
+/// mean is s + d, kept as two numbers: a row at 1e4 with std 0.1 has a mean no float
+/// holds to the precision its spread needs). False where one pass is not accurate
+/// enough (see kOnePassSlack) or a sum is not finite.
+template <class Acc, class T>
+bool row_moments_one_pass(const T* x, Index n, Acc& s, Acc& d, Acc& var) {
+  s = row_shift<Acc>(x, n);
+  Acc s1, s2;
+  sum_d_d2<false>(x, n, s, s1, s2);
   // Divide, not * (1/n): for a constant row x - s is the same e for every element, and
   // n e / n gives e back exactly (so y = b), while n e * fl(1/n) leaves a residual of
   // ulp(e) that a tiny eps turns into xhat = +-1.
