@@ -9,5 +9,5 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
   build-essential cmake ninja-build pkgconf python3 python3-matplotlib \
   libeigen3-dev libgtest-dev libbenchmark-dev \
-  libdnnl-dev libtorch-dev openmpi-bin libopenmpi-dev \
+  libdnnl-dev ocl-icd-opencl-dev libtorch-dev openmpi-bin libopenmpi-dev \
   clang libclang-rt-14-dev clang-tidy
