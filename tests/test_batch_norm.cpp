@@ -431,6 +431,76 @@ TYPED_TEST(BatchNormTest, ThreadCountsGiveBitwiseEqualResults) {
   }
 }
 
+/// Sets the input bytes per channel group of BatchNorm's row path for its lifetime.
+struct GroupBytes {
+  double saved = normkit::detail::group_bytes();
+  explicit GroupBytes(double bytes) { normkit::detail::group_bytes() = bytes; }
+  ~GroupBytes() { normkit::detail::group_bytes() = saved; }
+};
+
+// Without a reducer, the row path (NCHW) runs statistics and map a group of channels at
+// a time (this binary is built with NORMKIT_GROUP_BYTES=1: groups of one channel). Each
+// channel's results must be the same bits in groups of one channel as in one group of
+// all, in training and in eval mode, on one thread and on a pool.
+TYPED_TEST(BatchNormTest, ChannelGroupsGiveTheBitsOfOneGroup) {
+  using C = TypeParam;
+  using T = typename C::Scalar;
+  using Acc = typename normkit::BatchNorm<T>::Acc;
+  // Row path in row-major layout, then in column-major (the first dims are the rows).
+  for (const Case& c : {Case{{3, 5, 33}, 1}, Case{{2, 4, 7, 9}, 1}, Case{{2, 3, 2100}, 1}, Case{{3, 6, 40}, 1},
+                        Case{{2, 3, 5, 40}, 2}, Case{{40, 4, 3}, 1}, Case{{33, 3, 2, 2}, 1}, Case{{5, 7, 9, 2}, 2}}) {
+    with_rank(c.dims.size(), [&](auto rank) {
+      constexpr int R = decltype(rank)::value;
+      const Geo g = geo_of(c.dims, c.axis);
+      const Index n = g.P * g.C * g.Q;
+      auto x = nktest::make_tensor<T, R, C::layout>(c.dims, nktest::random_vector(n, 47, -1, 3));
+      auto dy = nktest::make_tensor<T, R, C::layout>(c.dims, nktest::random_vector(n, 48));
+      for (bool training : {true, false})
+        for (int threads : {1, 3}) {
+          auto grouped = make_layer<T>(c, g), whole = make_layer<T>(c, g);
+          for (auto* bn : {&grouped, &whole}) {
+            set_values(bn->running_mean(), nktest::random_vector(g.C, 49));
+            set_values(bn->running_var(), nktest::random_vector(g.C, 50, 0.2, 3));
+            bn->train(training);
+          }
+          std::vector<T> y[2], dx[2], dw[2], db[2], rm[2], rv[2];
+          std::vector<Acc> m[2], s[2];
+          nktest::on_threads(threads, [&](const auto& dev) {
+            int k = 0;
+            for (auto* bn : {&grouped, &whole}) {
+              const GroupBytes bytes(bn == &grouped ? 1.0 : 1e300);
+              decltype(x) yk(x.dimensions()), dxk(x.dimensions());
+              typename normkit::BatchNorm<T>::Cache cache;
+              typename normkit::BatchNorm<T>::Grads grads;
+              bn->forward(dev, x, yk, cache);
+              bn->backward(dev, x, dy, cache, dxk, grads);
+              y[k] = nktest::logical(yk);
+              dx[k] = nktest::logical(dxk);
+              dw[k] = nktest::values(grads.weight);
+              db[k] = nktest::values(grads.bias);
+              rm[k] = nktest::values(bn->running_mean());
+              rv[k] = nktest::values(bn->running_var());
+              m[k] = nktest::values(cache.mean);
+              s[k] = nktest::values(cache.invstd);
+              ++k;
+            }
+          });
+          const std::string where =
+              where_of(c) + ", " + std::to_string(threads) + " threads" + (training ? ", train" : ", eval");
+          EXPECT_TRUE(nktest::bitwise_equal(y[0], y[1])) << "y, " << where;
+          EXPECT_TRUE(nktest::bitwise_equal(dx[0], dx[1])) << "dx, " << where;
+          EXPECT_TRUE(nktest::bitwise_equal(dw[0], dw[1])) << "dweight, " << where;
+          EXPECT_TRUE(nktest::bitwise_equal(db[0], db[1])) << "dbias, " << where;
+          EXPECT_TRUE(nktest::bitwise_equal(rm[0], rm[1])) << "running_mean, " << where;
+          EXPECT_TRUE(nktest::bitwise_equal(rv[0], rv[1])) << "running_var, " << where;
+          EXPECT_TRUE(nktest::bitwise_equal(m[0], m[1])) << "mean, " << where;
+          EXPECT_TRUE(nktest::bitwise_equal(s[0], s[1])) << "invstd, " << where;
+          EXPECT_FALSE(y[0].empty());
+        }
+    });
+  }
+}
+
 // Several training steps with different batches, then eval: momentum 0.1, 0, 1 and the
 // cumulative average (momentum std::nullopt).
 TYPED_TEST(BatchNormTest, RunningStatisticsOverSeveralSteps) {

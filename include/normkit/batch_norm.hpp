@@ -260,55 +260,41 @@ class BatchNorm {
     // rest of it (a large offset is not representable in Acc to the precision of the spread).
     std::vector<Fin> mean(static_cast<std::size_t>(C)), var(mean.size()), corr(mean.size()), r(mean.size());
     std::vector<Acc> m(mean.size());
+    // y = (x - m) * a + b, b absorbing corr.
+    std::vector<Acc> a(m.size()), b(m.size()), rs(m.size());
+    std::vector<detail::WideChannel> wide;
     double count = 0;
+    std::vector<detail::Moments> mom;
     if (batch) {
       // Without a reducer the checks come first; with one, every process must join the
       // reductions, and the count that matters is the global one.
       if (!red && v.count() == 1) too_few_values(fn, dims);
-      std::vector<detail::Moments> mom(static_cast<std::size_t>(C));
-      detail::channel_moments(dev, x.data(), v, moments_work_, mom.data());
+      mom.resize(static_cast<std::size_t>(C));
       count = x.size() == 0 ? 0.0 : static_cast<double>(v.count());
+      if (!red && count > 0 && v.row_path()) {
+        // Channels whose values are rows of their own (NCHW) go a group at a time,
+        // statistics then map, so that the map reads x again from the cache the
+        // statistics left it in rather than from memory. Each channel's results are the
+        // same as in one group of all.
+        const Index group = detail::group_channels(dev, v, sizeof(T));
+        for (Index c0 = 0; c0 < C; c0 += group) {
+          const detail::ChannelRange cr{c0, std::min(C, c0 + group)};
+          detail::channel_moments(dev, x.data(), v, moments_work_, mom.data(), cr);
+          batch_statistics(dev, x.data(), v, mom, count, nullptr, cr, mean, var, corr, r, m);
+          map_channels(dev, x.data(), y.data(), v, batch, count, cr, mean, var, corr, r, m, a, b, rs, wide);
+        }
+        if (training_ && opt_.track_running_stats()) update_running(mean, var, count);
+        if (cache) fill_cache(*cache, dims, batch, m.data(), rs.data(), count, std::move(wide));
+        return;
+      }
+      detail::channel_moments(dev, x.data(), v, moments_work_, mom.data());
       if (red) count = reduce_moments(*red, mom);
       if (count == 1) too_few_values(fn, dims);
       if (count == 0) {  // nothing to normalize anywhere: no statistics, no update
         if (cache) fill_cache(*cache, dims, batch, nullptr, nullptr, 0, {});
         return;
       }
-      for (Index c = 0; c < C; ++c) {
-        mean[c] = mom[c].mean;
-        var[c] = static_cast<Fin>(mom[c].m2) / count;
-        if constexpr (std::is_same_v<Acc, double>) {
-          // Moments of values near DBL_MAX overflow double: redone in long double.
-          if (!red && !(std::isfinite(mom[c].mean) && std::isfinite(mom[c].m2)))
-            detail::exact_channel_moments(x.data(), v, c, mean[c], var[c]);
-        }
-      }
-      set_shift(mean, var, m, corr, r);
-      if constexpr (std::is_same_v<Acc, double>) {
-        // A double channel far from zero (1e12 +- 1e-2) has a mean that no long double
-        // holds to the precision of its spread, and its pieces' means merged as doubles
-        // lose the variance too. Around m, every x - m is exact: A = sum(x - m) and
-        // Q = sum((x - m)^2) give both.
-        std::vector<char> offset(mean.size());
-        bool any = false;
-        for (Index c = 0; c < C; ++c) any |= (offset[c] = offset_channel(mean[c], r[c])) != 0;
-        if (any) {
-          std::vector<double> sums(static_cast<std::size_t>(3 * C)), work;
-          detail::channel_grad_sums<T, Acc, true>(dev, x.data(), nullptr, m.data(), nullptr, v, work, sums.data());
-          if (red) red->allreduce_sum(sums.data(), 3 * C);
-          for (Index c = 0; c < C; ++c) {
-            if (!offset[c]) continue;
-            const long double A = sums[c], Q = sums[2 * C + c];
-            // Squares beyond double (std > ~1e154): keep the moments above, which the
-            // long-double pass computed when double overflowed.
-            if (!(std::isfinite(A) && std::isfinite(Q))) continue;
-            corr[c] = A / count;
-            mean[c] = static_cast<long double>(m[c]) + corr[c];
-            var[c] = detail::nonnegative(Q - A * corr[c]) / count;
-            r[c] = 1 / std::sqrt(var[c] + static_cast<long double>(opt_.eps()));
-          }
-        }
-      }
+      batch_statistics(dev, x.data(), v, mom, count, red, detail::all_channels(v), mean, var, corr, r, m);
       if (training_ && opt_.track_running_stats()) update_running(mean, var, count);
     } else {
       count = static_cast<double>(v.count());
@@ -316,23 +302,78 @@ class BatchNorm {
         mean[c] = static_cast<Fin>(static_cast<double>(running_mean_(c)));
         var[c] = static_cast<Fin>(static_cast<double>(running_var_(c)));
       }
-      set_shift(mean, var, m, corr, r);
+      set_shift(mean, var, m, corr, r, detail::all_channels(v));
     }
-
-    // y = (x - m) * a + b, b absorbing corr.
-    std::vector<Acc> a(m.size()), b(m.size()), rs(m.size());
-    std::vector<detail::WideChannel> wide;
-    map_coefficients(batch, count, mean, var, corr, r, m, a, b, rs, wide);
-    std::vector<T> wide_y = wide_forward(x.data(), v, wide);
-    detail::channel_map<T, Acc>(dev, x.data(), nullptr, y.data(), v,
-                                detail::ChannelMap<Acc>{m.data(), a.data(), b.data(), nullptr, nullptr});
-    detail::scatter_channels(wide_y.data(), v, wide, y.data());
+    map_channels(dev, x.data(), y.data(), v, batch, count, detail::all_channels(v), mean, var, corr, r, m, a, b, rs,
+                 wide);
     if (cache) fill_cache(*cache, dims, batch, m.data(), rs.data(), count, std::move(wide));
   }
 
+  /// The channels of cr from their moments (over all processes, `count` values each) to
+  /// mean, var, corr, r and m.
+  template <class Dev>
+  void batch_statistics(const Dev& dev, const T* x, const detail::ChannelView& v,
+                        const std::vector<detail::Moments>& mom, double count, StatsReducer* red,
+                        detail::ChannelRange cr, std::vector<Fin>& mean, std::vector<Fin>& var,
+                        std::vector<Fin>& corr, std::vector<Fin>& r, std::vector<Acc>& m) const {
+    const Index C = C_;
+    for (Index c = cr.begin; c < cr.end; ++c) {
+      mean[c] = mom[c].mean;
+      var[c] = static_cast<Fin>(mom[c].m2) / count;
+      if constexpr (std::is_same_v<Acc, double>) {
+        // Moments of values near DBL_MAX overflow double: redone in long double.
+        if (!red && !(std::isfinite(mom[c].mean) && std::isfinite(mom[c].m2)))
+          detail::exact_channel_moments(x, v, c, mean[c], var[c]);
+      }
+    }
+    set_shift(mean, var, m, corr, r, cr);
+    if constexpr (std::is_same_v<Acc, double>) {
+      // A double channel far from zero (1e12 +- 1e-2) has a mean that no long double
+      // holds to the precision of its spread, and its pieces' means merged as doubles
+      // lose the variance too. Around m, every x - m is exact: A = sum(x - m) and
+      // Q = sum((x - m)^2) give both.
+      std::vector<char> offset(mean.size());
+      bool any = false;
+      for (Index c = cr.begin; c < cr.end; ++c) any |= (offset[c] = offset_channel(mean[c], r[c])) != 0;
+      if (any) {
+        std::vector<double> sums(static_cast<std::size_t>(3 * C)), work;
+        detail::channel_grad_sums<T, Acc, true>(dev, x, nullptr, m.data(), nullptr, v, work, sums.data(), cr);
+        if (red) red->allreduce_sum(sums.data(), 3 * C);
+        for (Index c = cr.begin; c < cr.end; ++c) {
+          if (!offset[c]) continue;
+          const long double A = sums[c], Q = sums[2 * C + c];
+          // Squares beyond double (std > ~1e154): keep the moments above, which the
+          // long-double pass computed when double overflowed.
+          if (!(std::isfinite(A) && std::isfinite(Q))) continue;
+          corr[c] = A / count;
+          mean[c] = static_cast<long double>(m[c]) + corr[c];
+          var[c] = detail::nonnegative(Q - A * corr[c]) / count;
+          r[c] = 1 / std::sqrt(var[c] + static_cast<long double>(opt_.eps()));
+        }
+      }
+    }
+  }
+
+  /// y for the channels of cr: the coefficients, then the vector map and the channels
+  /// done in long double (appended to `wide`).
+  template <class Dev>
+  void map_channels(const Dev& dev, const T* x, T* y, const detail::ChannelView& v, bool batch, double count,
+                    detail::ChannelRange cr, const std::vector<Fin>& mean, const std::vector<Fin>& var,
+                    const std::vector<Fin>& corr, const std::vector<Fin>& r, std::vector<Acc>& m,
+                    std::vector<Acc>& a, std::vector<Acc>& b, std::vector<Acc>& rs,
+                    std::vector<detail::WideChannel>& wide) const {
+    const std::size_t first = wide.size();
+    map_coefficients(batch, count, mean, var, corr, r, cr, m, a, b, rs, wide);
+    const std::vector<detail::WideChannel> group_wide(wide.begin() + static_cast<std::ptrdiff_t>(first), wide.end());
+    std::vector<T> wide_y = wide_forward(x, v, group_wide);
+    detail::channel_map<T, Acc>(dev, x, nullptr, y, v,
+                                detail::ChannelMap<Acc>{m.data(), a.data(), b.data(), nullptr, nullptr}, cr);
+    detail::scatter_channels(wide_y.data(), v, group_wide, y);
+  }
+
   EIGEN_DONT_INLINE void set_shift(const std::vector<Fin>& mean, const std::vector<Fin>& var, std::vector<Acc>& m,
-                 std::vector<Fin>& corr, std::vector<Fin>& r) const {
-    for (std::size_t c = 0; c < mean.size(); ++c) {
+                                    std::vector<Fin>& corr, std::vector<Fin>& r, detail::ChannelRange cr) const {
+    for (Index c = cr.begin; c < cr.end; ++c) {
       m[c] = static_cast<Acc>(mean[c]);
       corr[c] = std::isfinite(mean[c]) ? mean[c] - static_cast<Fin>(m[c]) : 0;
       r[c] = 1 / std::sqrt(var[c] + static_cast<Fin>(opt_.eps()));
@@ -478,74 +519,84 @@ class BatchNorm {
     // are what the processes exchange).
     std::vector<std::array<long double, 2>> wide_sums(static_cast<std::size_t>(C));
     std::vector<detail::WideChannel> overflowed;  // reserved, so the pointers stay valid
+    overflowed.reserve(static_cast<std::size_t>(C));
     for (const detail::WideChannel& w : cache.wide) was_wide[static_cast<std::size_t>(w.channel)] = &w;
-    if (need_sums) {
-      detail::channel_grad_sums<T, Acc>(dev, x.data(), dy.data(), m, cache.invstd.data(), v, grads.work, sums.data());
-      for (const detail::WideChannel& w : cache.wide) {
-        long double sb = 0, sc = 0;
-        detail::for_each_in_channel(v, w.channel, [&](Index i) {
-          const long double g = static_cast<double>(dy.data()[i]);
-          sb += g;
-          sc += g * ((static_cast<long double>(static_cast<double>(x.data()[i])) - w.mean) * w.invstd);
-        });
-        sums[w.channel] = 0;
-        sums[C + w.channel] = static_cast<double>(sb);
-        sums[2 * C + w.channel] = static_cast<double>(sc);
-        wide_sums[static_cast<std::size_t>(w.channel)] = {sb, sc};
-      }
-      // Sums of finite values that overflowed Acc (dy * (x - m) near DBL_MAX): that
-      // channel too is done in long double, around the mean forward used.
-      if (!red) {
-        overflowed.reserve(static_cast<std::size_t>(C));
-        for (Index c = 0; c < C; ++c) {
-          if (was_wide[static_cast<std::size_t>(c)] ||
-              (std::isfinite(sums[c]) && std::isfinite(sums[C + c]) && std::isfinite(sums[2 * C + c])) ||
-              !(std::isfinite(m[c]) && std::isfinite(cache.invstd(c))))  // NaN/Inf statistics: not an overflow
-            continue;
-          const long double mc = static_cast<long double>(m[c]);
-          long double sa = 0;
-          bool finite = true;
-          detail::for_each_in_channel(v, c, [&](Index i) {
-            const double xi = static_cast<double>(x.data()[i]), gi = static_cast<double>(dy.data()[i]);
-            finite = finite && std::isfinite(xi) && std::isfinite(gi);
-            sa += static_cast<long double>(xi) - mc;
-          });
-          if (!finite) continue;  // NaN and Inf stay in their channel
-          const long double mean = batch && cache.count > 0 ? mc + sa / static_cast<long double>(cache.count) : mc;
-          const long double r = static_cast<long double>(cache.invstd(c));
-          long double sb = 0, sc = 0;
-          detail::for_each_in_channel(v, c, [&](Index i) {
-            const long double g = static_cast<double>(dy.data()[i]);
-            sb += g;
-            sc += g * ((static_cast<long double>(static_cast<double>(x.data()[i])) - mean) * r);
-          });
-          overflowed.push_back({c, mean, r});
-          was_wide[static_cast<std::size_t>(c)] = &overflowed.back();
-          wide_sums[static_cast<std::size_t>(c)] = {sb, sc};
-          sums[c] = 0;
-        }
-      }
-      if (red) red->allreduce_sum(sums.data(), 3 * C);
-    }
     // dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), k = weight * rstd (batch mode),
     // dx = k * dy (eval), as the map ((x - m) * a + dy) * k + b. Channels whose
     // coefficients leave Acc's range are done in long double.
     std::vector<Acc> a(static_cast<std::size_t>(C)), b(a.size()), k(a.size()), g(a.size(), Acc(1)),
         zero(a.size(), Acc(0));
-    std::vector<WideGrad> wide;
-    grad_coefficients(cache, sums.data(), was_wide, wide_sums, red == nullptr, grads, a, b, k, g, wide);
-    if (x.size() == 0) return;
-    std::vector<T> wide_dx = wide_backward(x.data(), dy.data(), v, wide);
-    if (batch)
-      detail::channel_map<T, Acc>(dev, x.data(), dy.data(), dx.data(), v,
-                                  detail::ChannelMap<Acc>{m, a.data(), b.data(), k.data(), g.data()});
-    else  // dx = k * dy: the map with dy in the place of x
-      detail::channel_map<T, Acc>(dev, dy.data(), nullptr, dx.data(), v,
-                                  detail::ChannelMap<Acc>{zero.data(), k.data(), zero.data(), nullptr, nullptr});
-    std::vector<detail::WideChannel> channels;
-    channels.reserve(wide.size());
-    for (const WideGrad& w : wide) channels.push_back({w.channel, 0, 0});
-    detail::scatter_channels(wide_dx.data(), v, channels, dx.data());
+    // Without a reducer, channels whose values are rows of their own (NCHW: the row path)
+    // go a group at a time, sums then map, so that the map reads x and dy again from the
+    // cache the sums left them in rather than from memory. Each channel's results are the
+    // same as in one group of all.
+    const Index group = !red && v.row_path() ? detail::group_channels(dev, v, 2 * sizeof(T)) : C;
+    for (Index c0 = 0; c0 < C; c0 += group) {
+      const detail::ChannelRange cr{c0, std::min(C, c0 + group)};
+      if (need_sums) {
+        detail::channel_grad_sums<T, Acc>(dev, x.data(), dy.data(), m, cache.invstd.data(), v, grads.work,
+                                          sums.data(), cr);
+        for (const detail::WideChannel& w : cache.wide) {
+          if (!cr.contains(w.channel)) continue;
+          long double sb = 0, sc = 0;
+          detail::for_each_in_channel(v, w.channel, [&](Index i) {
+            const long double gi = static_cast<double>(dy.data()[i]);
+            sb += gi;
+            sc += gi * ((static_cast<long double>(static_cast<double>(x.data()[i])) - w.mean) * w.invstd);
+          });
+          sums[w.channel] = 0;
+          sums[C + w.channel] = static_cast<double>(sb);
+          sums[2 * C + w.channel] = static_cast<double>(sc);
+          wide_sums[static_cast<std::size_t>(w.channel)] = {sb, sc};
+        }
+        // Sums of finite values that overflowed Acc (dy * (x - m) near DBL_MAX): that
+        // channel too is done in long double, around the mean forward used.
+        if (!red) {
+          for (Index c = cr.begin; c < cr.end; ++c) {
+            if (was_wide[static_cast<std::size_t>(c)] ||
+                (std::isfinite(sums[c]) && std::isfinite(sums[C + c]) && std::isfinite(sums[2 * C + c])) ||
+                !(std::isfinite(m[c]) && std::isfinite(cache.invstd(c))))  // NaN/Inf statistics: not an overflow
+              continue;
+            const long double mc = static_cast<long double>(m[c]);
+            long double sa = 0;
+            bool finite = true;
+            detail::for_each_in_channel(v, c, [&](Index i) {
+              const double xi = static_cast<double>(x.data()[i]), gi = static_cast<double>(dy.data()[i]);
+              finite = finite && std::isfinite(xi) && std::isfinite(gi);
+              sa += static_cast<long double>(xi) - mc;
+            });
+            if (!finite) continue;  // NaN and Inf stay in their channel
+            const long double mean = batch && cache.count > 0 ? mc + sa / static_cast<long double>(cache.count) : mc;
+            const long double r = static_cast<long double>(cache.invstd(c));
+            long double sb = 0, sc = 0;
+            detail::for_each_in_channel(v, c, [&](Index i) {
+              const long double gi = static_cast<double>(dy.data()[i]);
+              sb += gi;
+              sc += gi * ((static_cast<long double>(static_cast<double>(x.data()[i])) - mean) * r);
+            });
+            overflowed.push_back({c, mean, r});
+            was_wide[static_cast<std::size_t>(c)] = &overflowed.back();
+            wide_sums[static_cast<std::size_t>(c)] = {sb, sc};
+            sums[c] = 0;
+          }
+        }
+        if (red) red->allreduce_sum(sums.data(), 3 * C);  // one group of all channels
+      }
+      std::vector<WideGrad> wide;
+      grad_coefficients(cache, sums.data(), was_wide, wide_sums, red == nullptr, cr, grads, a, b, k, g, wide);
+      if (x.size() == 0) return;
+      std::vector<T> wide_dx = wide_backward(x.data(), dy.data(), v, wide);
+      if (batch)
+        detail::channel_map<T, Acc>(dev, x.data(), dy.data(), dx.data(), v,
+                                    detail::ChannelMap<Acc>{m, a.data(), b.data(), k.data(), g.data()}, cr);
+      else  // dx = k * dy: the map with dy in the place of x
+        detail::channel_map<T, Acc>(dev, dy.data(), nullptr, dx.data(), v,
+                                    detail::ChannelMap<Acc>{zero.data(), k.data(), zero.data(), nullptr, nullptr}, cr);
+      std::vector<detail::WideChannel> channels;
+      channels.reserve(wide.size());
+      for (const WideGrad& w : wide) channels.push_back({w.channel, 0, 0});
+      detail::scatter_channels(wide_dx.data(), v, channels, dx.data());
+    }
   }
 
   /// Forward's per-channel map coefficients from the statistics; the channels that
@@ -553,11 +604,10 @@ class BatchNorm {
   /// grad_coefficients).
   EIGEN_DONT_INLINE void map_coefficients(bool batch, double count, const std::vector<Fin>& mean,
                                           const std::vector<Fin>& var, const std::vector<Fin>& corr,
-                                          const std::vector<Fin>& r, std::vector<Acc>& m, std::vector<Acc>& a,
-                                          std::vector<Acc>& b, std::vector<Acc>& rs,
+                                          const std::vector<Fin>& r, detail::ChannelRange cr, std::vector<Acc>& m,
+                                          std::vector<Acc>& a, std::vector<Acc>& b, std::vector<Acc>& rs,
                                           std::vector<detail::WideChannel>& wide) const {
-    const Index C = C_;
-    for (Index c = 0; c < C; ++c) {
+    for (Index c = cr.begin; c < cr.end; ++c) {
       const Fin w = opt_.affine() ? static_cast<Fin>(static_cast<double>(weight_(c))) : 1;
       const Fin bb = opt_.affine() ? static_cast<Fin>(static_cast<double>(bias_(c))) : 0;
       const Fin aw = r[c] * w, bw = bb - corr[c] * aw;
@@ -581,20 +631,21 @@ class BatchNorm {
     bool batch;
   };
 
-  /// The backward's per-channel coefficients and parameter gradients from the sums.
-  /// Device-independent and never inlined, like set_shift and map_coefficients: one
+  /// The backward's per-channel coefficients and parameter gradients from the sums, for
+  /// the channels of cr. Device-independent and never inlined, like set_shift and map_coefficients: one
   /// copy of this arithmetic (and of the compiler's FMA contractions in it) serves
   /// every device, so the results are the same bits for any thread count.
   EIGEN_DONT_INLINE void grad_coefficients(const Cache& cache, const double* sums,
                                            const std::vector<const detail::WideChannel*>& was_wide,
                                            const std::vector<std::array<long double, 2>>& wide_sums,
-                                           bool exact_wide, Grads& grads, std::vector<Acc>& a, std::vector<Acc>& b,
-                                           std::vector<Acc>& k, std::vector<Acc>& g, std::vector<WideGrad>& wide) const {
+                                           bool exact_wide, detail::ChannelRange cr, Grads& grads,
+                                           std::vector<Acc>& a, std::vector<Acc>& b, std::vector<Acc>& k,
+                                           std::vector<Acc>& g, std::vector<WideGrad>& wide) const {
     const Index C = C_;
     const bool affine = opt_.affine(), batch = cache.batch_stats;
     const double n = cache.count;
     const Acc* m = cache.mean.data();
-    for (Index c = 0; c < C; ++c) {
+    for (Index c = cr.begin; c < cr.end; ++c) {
       const detail::WideChannel* ww = was_wide[static_cast<std::size_t>(c)];
       const Fin r = ww ? static_cast<Fin>(ww->invstd) : static_cast<Fin>(cache.invstd(c));
       const Fin w = affine ? static_cast<Fin>(static_cast<double>(weight_(c))) : 1;

@@ -81,6 +81,42 @@ inline ChannelView channel_view(const std::vector<Index>& dims, bool row_major, 
   return ChannelView{b.outer, b.mid, b.inner};
 }
 
+/// Channels [begin, end) of a view. The row path runs its passes over a range of
+/// channels as well as over all of them, so that a caller can take the channels a
+/// group at a time, each group's second pass reading what its first left in cache.
+/// Every per-channel result is the same either way (the pieces of a channel and their
+/// order do not depend on the range). The column path takes all channels only.
+struct ChannelRange {
+  Index begin = 0, end = 0;
+  Index size() const { return end - begin; }
+  bool contains(Index c) const { return c >= begin && c < end; }
+};
+
+inline ChannelRange all_channels(const ChannelView& v) { return {0, v.C}; }
+
+#ifndef NORMKIT_GROUP_BYTES
+#define NORMKIT_GROUP_BYTES 524288
+#endif
+/// Input per group (and per thread) of two passes run a group of channels at a time:
+/// NORMKIT_GROUP_BYTES, or what a test sets (to compare groups of one channel with one
+/// group of all).
+inline double& group_bytes() {
+  static double bytes = NORMKIT_GROUP_BYTES;
+  return bytes;
+}
+
+/// Channels per group where a caller runs two passes over the row path a group at a
+/// time: about kGroupBytes of the first pass's input per thread, so that the second
+/// pass finds it in cache, and on a pool at least twice the inline limit, so that the
+/// threads still share each pass. Results do not depend on it.
+template <class Dev>
+Index group_channels(const Dev& dev, const ChannelView& v, double bytes_per_value) {
+  const int threads = num_threads(dev);
+  const double per_channel = std::max(1.0, static_cast<double>(v.count()) * bytes_per_value);
+  const double target = threads > 1 ? std::max(group_bytes() * threads, 2 * kInlineBytes) : group_bytes();
+  return static_cast<Index>(std::clamp(target / per_channel, 1.0, static_cast<double>(std::max<Index>(v.C, 1))));
+}
+
 /// Rows per chunk of the column path: the chunk's columns of a work item (at most
 /// kColGroup of them) over that many rows stay in L2 (256 KiB) between the two passes
 /// of tile_moments, which read them again right after chunk_means.
@@ -269,30 +305,34 @@ EIGEN_DONT_INLINE inline void merge_chunk(double na, double nb, Index nc, const 
   }
 }
 
-/// Per-channel moments of x, out[C]. `work` is scratch reused across calls.
+/// Per-channel moments of x, out[C] (row path: the channels of cr only, the others
+/// untouched). `work` is scratch reused across calls.
 template <class T, class Dev>
 void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vector<Moments>& work,
-                     Moments* out) {
+                     Moments* out, ChannelRange cr) {
   using Acc = acc_t<T>;
   constexpr Index W = packet_size<Acc>;
-  std::fill(out, out + v.C, Moments{});
+  std::fill(out + cr.begin, out + cr.end, Moments{});
   if (v.size() == 0) return;
   if (v.row_path()) {
-    const Index segs = v.segs(), items = v.outer * v.C * segs;
+    const Index nch = cr.size(), segs = v.segs(), items = v.outer * nch * segs;
     work.resize(static_cast<std::size_t>(items));
     const Index len = std::min(v.inner, kSeg);
     parallel_for(dev, items, double(len * sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
       for (Index i = i0; i < i1; ++i) {
         const Index row = i / segs, sg = i % segs;
         const Index n = std::min(kSeg, v.inner - sg * kSeg);
-        work[static_cast<std::size_t>(i)] = segment_moments<Acc>(x + row * v.inner + sg * kSeg, n);
+        const Index off = ((row / nch) * v.C + cr.begin + row % nch) * v.inner + sg * kSeg;
+        work[static_cast<std::size_t>(i)] = segment_moments<Acc>(x + off, n);
       }
     });
-    for (Index c = 0; c < v.C; ++c)
+    for (Index c = cr.begin; c < cr.end; ++c)
       for (Index o = 0; o < v.outer; ++o)
-        for (Index sg = 0; sg < segs; ++sg) merge(out[c], work[static_cast<std::size_t>((o * v.C + c) * segs + sg)]);
+        for (Index sg = 0; sg < segs; ++sg)
+          merge(out[c], work[static_cast<std::size_t>((o * nch + c - cr.begin) * segs + sg)]);
     return;
   }
+  eigen_assert(cr.begin == 0 && cr.end == v.C && "the column path takes all channels");
   const Index cols = v.cols(), groups = (cols + kColGroup - 1) / kColGroup;
   const Blocking bl = column_blocking(v);
   work.resize(static_cast<std::size_t>(bl.blocks * cols));
@@ -325,6 +365,12 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
   for (Index c = 0; c < v.C; ++c)
     for (Index b = 0; b < bl.blocks; ++b)
       for (Index i = 0; i < v.inner; ++i) merge(out[c], work[static_cast<std::size_t>(b * cols + c * v.inner + i)]);
+}
+
+template <class T, class Dev>
+void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vector<Moments>& work,
+                     Moments* out) {
+  channel_moments(dev, x, v, work, out, all_channels(v));
 }
 
 // ---- backward sums ----------------------------------------------------------------
@@ -427,31 +473,34 @@ EIGEN_DONT_INLINE void chunk_grad_sums(const T* x, const T* dy, Index ld, Index 
 /// Per-channel A, B, Cc of d = (x - m) * r, m[C] and r[C] per channel (r null: 1):
 /// out[3 * C] as A[C], B[C], Cc[C]. SelfDy (dy null): B = A and Cc = sum(d^2), the
 /// moments around m.
+/// Row path: the channels of `cr` only (out of the others untouched).
 template <class T, class Acc, bool SelfDy = false, class Dev>
 void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, const Acc* r, const ChannelView& v,
-                       std::vector<double>& work, double* out) {
-  std::fill(out, out + 3 * v.C, 0.0);
+                       std::vector<double>& work, double* out, ChannelRange cr) {
+  for (int q = 0; q < 3; ++q) std::fill(out + q * v.C + cr.begin, out + q * v.C + cr.end, 0.0);
   if (v.size() == 0) return;
   if (v.row_path()) {
-    const Index segs = v.segs(), items = v.outer * v.C * segs;
+    const Index nch = cr.size(), segs = v.segs(), items = v.outer * nch * segs;
     work.resize(static_cast<std::size_t>(3 * items));
     const Index len = std::min(v.inner, kSeg);
     parallel_for(dev, items, double(2 * len * sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
       for (Index i = i0; i < i1; ++i) {
-        const Index row = i / segs, sg = i % segs, c = row % v.C;
-        const Index n = std::min(kSeg, v.inner - sg * kSeg), off = row * v.inner + sg * kSeg;
+        const Index row = i / segs, sg = i % segs, c = cr.begin + row % nch;
+        const Index n = std::min(kSeg, v.inner - sg * kSeg);
+        const Index off = ((row / nch) * v.C + c) * v.inner + sg * kSeg;
         segment_grad_sums<Acc, SelfDy>(x + off, SelfDy ? nullptr : dy + off, n, m[c], r ? r[c] : Acc(1),
                                        work.data() + 3 * i);
       }
     });
-    for (Index c = 0; c < v.C; ++c)
+    for (Index c = cr.begin; c < cr.end; ++c)
       for (Index o = 0; o < v.outer; ++o)
         for (Index sg = 0; sg < segs; ++sg) {
-          const double* p = work.data() + 3 * ((o * v.C + c) * segs + sg);
+          const double* p = work.data() + 3 * ((o * nch + c - cr.begin) * segs + sg);
           for (int q = 0; q < 3; ++q) out[q * v.C + c] += p[q];
         }
     return;
   }
+  eigen_assert(cr.begin == 0 && cr.end == v.C && "the column path takes all channels");
   const Index cols = v.cols(), groups = (cols + kColGroup - 1) / kColGroup;
   const Blocking bl = column_blocking(v);
   work.resize(static_cast<std::size_t>(3 * bl.blocks * cols));
@@ -480,6 +529,12 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
         const double* p = work.data() + 3 * (b * cols + c * v.inner + i);
         for (int q = 0; q < 3; ++q) out[q * v.C + c] += p[q];
       }
+}
+
+template <class T, class Acc, bool SelfDy = false, class Dev>
+void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, const Acc* r, const ChannelView& v,
+                       std::vector<double>& work, double* out) {
+  channel_grad_sums<T, Acc, SelfDy>(dev, x, dy, m, r, v, work, out, all_channels(v));
 }
 
 // ---- channels in long double ------------------------------------------------------
@@ -597,18 +652,21 @@ EIGEN_DONT_INLINE void chunk_map(const T* x, const T* dy, T* out, Index n, Index
 /// the spread that the normalization is for. Rows go last to first: the statistics
 /// pass that usually precedes read them first to last, so the last ones are the ones
 /// still in the last-level cache.
+/// Row path: the channels of `cr` only. Streaming stores where the whole tensor is
+/// large, whatever the range (a range's output is not read again either).
 template <class T, class Acc, class Dev>
-void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelView& v, ChannelMap<Acc> p) {
+void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelView& v, ChannelMap<Acc> p,
+                 ChannelRange cr) {
   using namespace simd;
   if (v.size() == 0) return;
   const bool stream = can_stream_v<T> && static_cast<std::size_t>(v.size()) * sizeof(T) >= kStreamBytes;
   const bool has_dy = dy != nullptr;
   const double bytes = (has_dy ? 3.0 : 2.0) * sizeof(T);
   if (v.row_path()) {
-    const Index rows = v.outer * v.C;
+    const Index nch = cr.size(), rows = v.outer * nch;
     parallel_for(dev, rows, bytes * v.inner, 3.0 * v.inner, [&](Index r0, Index r1) {
       for (Index i = r0; i < r1; ++i) {
-        const Index r = rows - 1 - i, c = r % v.C, off = r * v.inner;
+        const Index r = rows - 1 - i, c = cr.begin + r % nch, off = ((r / nch) * v.C + c) * v.inner;
         const Acc k = has_dy ? p.k[c] : Acc(0), g = has_dy ? p.g[c] : Acc(0);
         if (has_dy)
           run_map<true>(x + off, dy + off, out + off, v.inner, p.m[c], p.a[c], p.b[c], k, g, stream);
@@ -619,6 +677,7 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
     });
     return;
   }
+  eigen_assert(cr.begin == 0 && cr.end == v.C && "the column path takes all channels");
   // Column path: a chunk of rows of the [outer, C * inner] matrix is one contiguous run,
   // processed as such (streaming stores aligned once per chunk, never a partial store
   // into a streamed line). The coefficients are repeated per column, over at least
@@ -659,6 +718,11 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
     }
     if (stream) stream_fence();
   });
+}
+
+template <class T, class Acc, class Dev>
+void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelView& v, ChannelMap<Acc> p) {
+  channel_map<T, Acc>(dev, x, dy, out, v, p, all_channels(v));
 }
 
 }  // namespace detail
