@@ -439,9 +439,10 @@ struct GroupBytes {
 };
 
 // Without a reducer, the row path (NCHW) runs statistics and map a group of channels at
-// a time (this binary is built with NORMKIT_GROUP_BYTES=1: groups of one channel). Each
-// channel's results must be the same bits in groups of one channel as in one group of
-// all, in training and in eval mode, on one thread and on a pool.
+// a time (this binary is built with NORMKIT_GROUP_BYTES=1: groups of one channel), and on
+// a pool with at least 2 channels per thread the groups run in parallel. Each channel's
+// results must be the same bits in groups of one channel as in one group of all, in
+// training and in eval mode, on one thread and on pools of 2 and 3.
 TYPED_TEST(BatchNormTest, ChannelGroupsGiveTheBitsOfOneGroup) {
   using C = TypeParam;
   using T = typename C::Scalar;
@@ -456,7 +457,7 @@ TYPED_TEST(BatchNormTest, ChannelGroupsGiveTheBitsOfOneGroup) {
       auto x = nktest::make_tensor<T, R, C::layout>(c.dims, nktest::random_vector(n, 47, -1, 3));
       auto dy = nktest::make_tensor<T, R, C::layout>(c.dims, nktest::random_vector(n, 48));
       for (bool training : {true, false})
-        for (int threads : {1, 3}) {
+        for (int threads : {1, 2, 3}) {
           auto grouped = make_layer<T>(c, g), whole = make_layer<T>(c, g);
           for (auto* bn : {&grouped, &whole}) {
             set_values(bn->running_mean(), nktest::random_vector(g.C, 49));

@@ -18,11 +18,13 @@
 // MPI) every process holds a part of the batch, and forward/backward see the whole one.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -274,15 +276,23 @@ class BatchNorm {
       if (!red && count > 0 && v.row_path()) {
         // Channels whose values are rows of their own (NCHW) go a group at a time,
         // statistics then map, so that the map reads x again from the cache the
-        // statistics left it in rather than from memory. Each channel's results are the
-        // same as in one group of all.
-        const Index group = detail::group_channels(dev, v, sizeof(T));
-        for (Index c0 = 0; c0 < C; c0 += group) {
-          const detail::ChannelRange cr{c0, std::min(C, c0 + group)};
-          detail::channel_moments(dev, x.data(), v, moments_work_, mom.data(), cr);
-          batch_statistics(dev, x.data(), v, mom, count, nullptr, cr, mean, var, corr, r, m);
-          map_channels(dev, x.data(), y.data(), v, batch, count, cr, mean, var, corr, r, m, a, b, rs, wide);
-        }
+        // statistics left it in rather than from memory (on a pool, the groups in parallel
+        // where there are channels enough: for_each_channel_group). Each channel's results
+        // are the same as in one group of all.
+        std::mutex wide_mutex;
+        detail::for_each_channel_group(dev, v, sizeof(T), [&](const auto& d, detail::ChannelRange cr, bool concurrent) {
+          std::vector<detail::Moments> local_work;
+          std::vector<detail::WideChannel> group_wide;
+          detail::channel_moments(d, x.data(), v, concurrent ? local_work : moments_work_, mom.data(), cr);
+          batch_statistics(d, x.data(), v, mom, count, nullptr, cr, mean, var, corr, r, m);
+          map_channels(d, x.data(), y.data(), v, batch, count, cr, mean, var, corr, r, m, a, b, rs, group_wide);
+          if (group_wide.empty()) return;
+          const std::lock_guard<std::mutex> lock(wide_mutex);
+          wide.insert(wide.end(), group_wide.begin(), group_wide.end());
+        });
+        std::sort(wide.begin(), wide.end(), [](const detail::WideChannel& p, const detail::WideChannel& q) {
+          return p.channel < q.channel;
+        });
         if (training_ && opt_.track_running_stats()) update_running(mean, var, count);
         if (cache) fill_cache(*cache, dims, batch, m.data(), rs.data(), count, std::move(wide));
         return;
@@ -355,20 +365,18 @@ class BatchNorm {
   }
 
   /// y for the channels of cr: the coefficients, then the vector map and the channels
-  /// done in long double (appended to `wide`).
+  /// done in long double (`wide`, empty on entry).
   template <class Dev>
   void map_channels(const Dev& dev, const T* x, T* y, const detail::ChannelView& v, bool batch, double count,
                     detail::ChannelRange cr, const std::vector<Fin>& mean, const std::vector<Fin>& var,
                     const std::vector<Fin>& corr, const std::vector<Fin>& r, std::vector<Acc>& m,
                     std::vector<Acc>& a, std::vector<Acc>& b, std::vector<Acc>& rs,
                     std::vector<detail::WideChannel>& wide) const {
-    const std::size_t first = wide.size();
     map_coefficients(batch, count, mean, var, corr, r, cr, m, a, b, rs, wide);
-    const std::vector<detail::WideChannel> group_wide(wide.begin() + static_cast<std::ptrdiff_t>(first), wide.end());
-    std::vector<T> wide_y = wide_forward(x, v, group_wide);
+    std::vector<T> wide_y = wide_forward(x, v, wide);
     detail::channel_map<T, Acc>(dev, x, nullptr, y, v,
                                 detail::ChannelMap<Acc>{m.data(), a.data(), b.data(), nullptr, nullptr}, cr);
-    detail::scatter_channels(wide_y.data(), v, group_wide, y);
+    detail::scatter_channels(wide_y.data(), v, wide, y);
   }
 
   EIGEN_DONT_INLINE void set_shift(const std::vector<Fin>& mean, const std::vector<Fin>& var, std::vector<Acc>& m,
@@ -518,8 +526,7 @@ class BatchNorm {
     // double although mean(dy) does not (without a reducer; with one, the double sums
     // are what the processes exchange).
     std::vector<std::array<long double, 2>> wide_sums(static_cast<std::size_t>(C));
-    std::vector<detail::WideChannel> overflowed;  // reserved, so the pointers stay valid
-    overflowed.reserve(static_cast<std::size_t>(C));
+    std::vector<detail::WideChannel> overflowed(static_cast<std::size_t>(C));  // by channel, when used
     for (const detail::WideChannel& w : cache.wide) was_wide[static_cast<std::size_t>(w.channel)] = &w;
     // dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), k = weight * rstd (batch mode),
     // dx = k * dy (eval), as the map ((x - m) * a + dy) * k + b. Channels whose
@@ -528,14 +535,14 @@ class BatchNorm {
         zero(a.size(), Acc(0));
     // Without a reducer, channels whose values are rows of their own (NCHW: the row path)
     // go a group at a time, sums then map, so that the map reads x and dy again from the
-    // cache the sums left them in rather than from memory. Each channel's results are the
-    // same as in one group of all.
-    const Index group = !red && v.row_path() ? detail::group_channels(dev, v, 2 * sizeof(T)) : C;
-    for (Index c0 = 0; c0 < C; c0 += group) {
-      const detail::ChannelRange cr{c0, std::min(C, c0 + group)};
+    // cache the sums left them in rather than from memory (on a pool, the groups in
+    // parallel where there are channels enough: for_each_channel_group). Each channel's
+    // results are the same as in one group of all.
+    auto group = [&](const auto& d, detail::ChannelRange cr, bool concurrent) {
       if (need_sums) {
-        detail::channel_grad_sums<T, Acc>(dev, x.data(), dy.data(), m, cache.invstd.data(), v, grads.work,
-                                          sums.data(), cr);
+        std::vector<double> local_work;
+        detail::channel_grad_sums<T, Acc>(d, x.data(), dy.data(), m, cache.invstd.data(), v,
+                                          concurrent ? local_work : grads.work, sums.data(), cr);
         for (const detail::WideChannel& w : cache.wide) {
           if (!cr.contains(w.channel)) continue;
           long double sb = 0, sc = 0;
@@ -574,8 +581,8 @@ class BatchNorm {
               sb += gi;
               sc += gi * ((static_cast<long double>(static_cast<double>(x.data()[i])) - mean) * r);
             });
-            overflowed.push_back({c, mean, r});
-            was_wide[static_cast<std::size_t>(c)] = &overflowed.back();
+            overflowed[static_cast<std::size_t>(c)] = {c, mean, r};
+            was_wide[static_cast<std::size_t>(c)] = &overflowed[static_cast<std::size_t>(c)];
             wide_sums[static_cast<std::size_t>(c)] = {sb, sc};
             sums[c] = 0;
           }
@@ -587,16 +594,20 @@ class BatchNorm {
       if (x.size() == 0) return;
       std::vector<T> wide_dx = wide_backward(x.data(), dy.data(), v, wide);
       if (batch)
-        detail::channel_map<T, Acc>(dev, x.data(), dy.data(), dx.data(), v,
+        detail::channel_map<T, Acc>(d, x.data(), dy.data(), dx.data(), v,
                                     detail::ChannelMap<Acc>{m, a.data(), b.data(), k.data(), g.data()}, cr);
       else  // dx = k * dy: the map with dy in the place of x
-        detail::channel_map<T, Acc>(dev, dy.data(), nullptr, dx.data(), v,
+        detail::channel_map<T, Acc>(d, dy.data(), nullptr, dx.data(), v,
                                     detail::ChannelMap<Acc>{zero.data(), k.data(), zero.data(), nullptr, nullptr}, cr);
       std::vector<detail::WideChannel> channels;
       channels.reserve(wide.size());
       for (const WideGrad& w : wide) channels.push_back({w.channel, 0, 0});
       detail::scatter_channels(wide_dx.data(), v, channels, dx.data());
-    }
+    };
+    if (!red && v.row_path() && x.size() > 0)
+      detail::for_each_channel_group(dev, v, 2 * sizeof(T), group);
+    else
+      group(dev, detail::all_channels(v), false);
   }
 
   /// Forward's per-channel map coefficients from the statistics; the channels that

@@ -117,6 +117,28 @@ Index group_channels(const Dev& dev, const ChannelView& v, double bytes_per_valu
   return static_cast<Index>(std::clamp(target / per_channel, 1.0, static_cast<double>(std::max<Index>(v.C, 1))));
 }
 
+/// Runs body(device, range, concurrent) over every channel of a row-path view, a group of
+/// channels (group_channels) per call. On a pool with channels enough for every thread,
+/// the groups themselves run in parallel, each on one thread (both passes of a group then
+/// stay in that thread's cache, with no wait between them), and `concurrent` is true: the
+/// body must not share scratch with other calls. Otherwise one group after another, each
+/// pass shared by the pool's threads. The groups change no result (see ChannelRange).
+template <class Dev, class Body>
+void for_each_channel_group(const Dev& dev, const ChannelView& v, double bytes_per_value, Body&& body) {
+  const int threads = num_threads(dev);
+  const Index group = group_channels(dev, v, bytes_per_value);
+  if (threads > 1 && group < v.C && v.C >= 2 * threads) {
+    const Eigen::DefaultDevice one;
+    const Index per_call = group_channels(one, v, bytes_per_value);
+    const double bytes = 2 * bytes_per_value * static_cast<double>(v.count());
+    parallel_for(dev, v.C, bytes, bytes, [&](Index c0, Index c1) {
+      for (Index c = c0; c < c1; c += per_call) body(one, ChannelRange{c, std::min(c1, c + per_call)}, true);
+    });
+    return;
+  }
+  for (Index c0 = 0; c0 < v.C; c0 += group) body(dev, ChannelRange{c0, std::min(v.C, c0 + group)}, false);
+}
+
 /// Rows per chunk of the column path: the chunk's columns of a work item (at most
 /// kColGroup of them) over that many rows stay in L2 (256 KiB) between the two passes
 /// of tile_moments, which read them again right after chunk_means.
