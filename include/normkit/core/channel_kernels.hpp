@@ -127,7 +127,7 @@ template <class Dev, class Body>
 void for_each_channel_group(const Dev& dev, const ChannelView& v, double bytes_per_value, Body&& body) {
   const int threads = num_threads(dev);
   const Index group = group_channels(dev, v, bytes_per_value);
-  if (threads > 1 && group < v.C && v.C >= 2 * threads) {
+  if (threads > 1 && group < v.C && v.C >= Index{2} * threads) {
     const Eigen::DefaultDevice one;
     const Index per_call = group_channels(one, v, bytes_per_value);
     const double bytes = 2 * bytes_per_value * static_cast<double>(v.count());
