@@ -106,7 +106,7 @@ inline double& group_bytes() {
 }
 
 /// Channels per group where a caller runs two passes over the row path a group at a
-/// time: about kGroupBytes of the first pass's input per thread, so that the second
+/// time: about group_bytes() of the first pass's input per thread, so that the second
 /// pass finds it in cache, and on a pool at least twice the inline limit, so that the
 /// threads still share each pass. Results do not depend on it.
 template <class Dev>
