@@ -62,10 +62,9 @@ inline constexpr Index kSeg = 2048;       // 8 KiB of float: both passes in L1
 inline constexpr Index kChunkRows = 128;  // column path: rows per chunk
 inline constexpr Index kRowsAtOnce = 4;   // column path: rows per load/store of the partial sums
 inline constexpr Index kColGroup = 512;   // column path: columns per work item (2 KiB rows of float read whole)
-// Column path: packets per tile, as many independent accumulator chains as the 16
-// vector registers of AVX2 hold (moments: shift + 2 sums; grad sums: shift + 3 sums).
+// Column path, moments: packets per tile, as many independent accumulator chains as the
+// 16 vector registers of AVX2 hold (shift + 2 sums each).
 inline constexpr Index kMomentPackets = 4;
-inline constexpr Index kSumPackets = 3;
 
 struct ChannelView {
   Index outer = 1, C = 1, inner = 1;
@@ -90,6 +89,12 @@ struct ChannelRange {
   Index begin = 0, end = 0;
   Index size() const { return end - begin; }
   bool contains(Index c) const { return c >= begin && c < end; }
+  /// The range's runs (row path: one channel of one outer index each) in (outer,
+  /// channel) order: the channel of the k-th, and the offset of its first value.
+  Index channel_of(Index k) const { return begin + k % size(); }
+  Index run_offset(const ChannelView& v, Index k) const {
+    return ((k / size()) * v.C + channel_of(k)) * v.inner;
+  }
 };
 
 inline ChannelRange all_channels(const ChannelView& v) { return {0, v.C}; }
@@ -344,7 +349,7 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
       for (Index i = i0; i < i1; ++i) {
         const Index row = i / segs, sg = i % segs;
         const Index n = std::min(kSeg, v.inner - sg * kSeg);
-        const Index off = ((row / nch) * v.C + cr.begin + row % nch) * v.inner + sg * kSeg;
+        const Index off = cr.run_offset(v, row) + sg * kSeg;
         work[static_cast<std::size_t>(i)] = segment_moments<Acc>(x + off, n);
       }
     });
@@ -507,9 +512,9 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
     const Index len = std::min(v.inner, kSeg);
     parallel_for(dev, items, double(2 * len * sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
       for (Index i = i0; i < i1; ++i) {
-        const Index row = i / segs, sg = i % segs, c = cr.begin + row % nch;
+        const Index row = i / segs, sg = i % segs, c = cr.channel_of(row);
         const Index n = std::min(kSeg, v.inner - sg * kSeg);
-        const Index off = ((row / nch) * v.C + c) * v.inner + sg * kSeg;
+        const Index off = cr.run_offset(v, row) + sg * kSeg;
         segment_grad_sums<Acc, SelfDy>(x + off, SelfDy ? nullptr : dy + off, n, m[c], r ? r[c] : Acc(1),
                                        work.data() + 3 * i);
       }
@@ -526,7 +531,7 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
   const Index cols = v.cols(), groups = (cols + kColGroup - 1) / kColGroup;
   const Blocking bl = column_blocking(v);
   work.resize(static_cast<std::size_t>(3 * bl.blocks * cols));
-  std::vector<Acc, Eigen::aligned_allocator<Acc>> mcol(static_cast<std::size_t>(cols)), rcol(mcol.size());
+  AlignedVector<Acc> mcol(static_cast<std::size_t>(cols)), rcol(mcol.size());
   for (Index c = 0, j = 0; c < v.C; ++c)
     for (Index i = 0; i < v.inner; ++i, ++j) {  // each column's shift and scale
       mcol[static_cast<std::size_t>(j)] = m[c];
@@ -688,7 +693,7 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
     const Index nch = cr.size(), rows = v.outer * nch;
     parallel_for(dev, rows, bytes * v.inner, 3.0 * v.inner, [&](Index r0, Index r1) {
       for (Index i = r0; i < r1; ++i) {
-        const Index r = rows - 1 - i, c = cr.begin + r % nch, off = ((r / nch) * v.C + c) * v.inner;
+        const Index r = rows - 1 - i, c = cr.channel_of(r), off = cr.run_offset(v, r);
         const Acc k = has_dy ? p.k[c] : Acc(0), g = has_dy ? p.g[c] : Acc(0);
         if (has_dy)
           run_map<true>(x + off, dy + off, out + off, v.inner, p.m[c], p.a[c], p.b[c], k, g, stream);
@@ -708,7 +713,7 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
   // Every array starts packet-aligned: a load that splits two cache lines costs two.
   const Index cols = v.cols(), reps = (cols + W + cols - 1) / cols, len = reps * cols;
   const Index stride = (len + W - 1) / W * W;
-  std::vector<Acc, Eigen::aligned_allocator<Acc>> coef(static_cast<std::size_t>(5 * stride));
+  AlignedVector<Acc> coef(static_cast<std::size_t>(5 * stride));
   Acc* cm = coef.data();
   Acc* ca = cm + stride;
   Acc* cb = ca + stride;

@@ -62,8 +62,8 @@ struct TanhMap {
 /// when p is null, so that the hot loop has one form (u * 1 + (-0) is u, bit for bit,
 /// signed zeros included).
 template <class Acc, class T>
-std::vector<Acc> expand_param(const T* p, Index C, Index inner, Acc fill) {
-  std::vector<Acc> out(static_cast<std::size_t>(C * inner), fill);
+AlignedVector<Acc> expand_param(const T* p, Index C, Index inner, Acc fill) {
+  AlignedVector<Acc> out(static_cast<std::size_t>(C * inner), fill);
   if (!p) return out;
   if (inner == 1) {  // the common case (tokens x features), as one vectorized conversion
     for (Index c = 0; c < C; ++c) out[static_cast<std::size_t>(c)] = static_cast<Acc>(p[c]);
@@ -151,7 +151,7 @@ void channel_map_forward(const Dev& dev, const Block3& v, const T* x, T* y, Acc*
   constexpr double kCycles = 6.0;  // per element: ~29 packet ops of tanh over 8 lanes, + affine
   if (use_rows(v)) {
     const Index L = v.mid * v.inner, tiles = (L + kRowTile - 1) / kRowTile;
-    const std::vector<Acc> s = expand_param<Acc>(scale, v.mid, v.inner, Acc(1)),
+    const AlignedVector<Acc> s = expand_param<Acc>(scale, v.mid, v.inner, Acc(1)),
                            b = expand_param<Acc>(shift, v.mid, v.inner, -Acc(0));
     parallel_for(dev, v.outer * tiles, bytes_per * std::min(L, kRowTile),
                  kCycles * std::min(L, kRowTile), [&](Index i0, Index i1) {
@@ -325,7 +325,7 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
 
   if (use_rows(v)) {
     const Index L = C * v.inner, tiles = (L + kRowTile - 1) / kRowTile;
-    const std::vector<Acc> ke = expand_param<Acc>(k, C, v.inner, Acc(0));
+    const AlignedVector<Acc> ke = expand_param<Acc>(k, C, v.inner, Acc(0));
     // A few MiB of partials at most: fewer row blocks for very long rows.
     const Index cap = std::max<Index>(1, std::min<Index>(64, (Index(1) << 20) / (3 * L)));
     const Blocking bl = fixed_blocking(v.outer, 16, cap);
