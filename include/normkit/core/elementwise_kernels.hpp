@@ -213,8 +213,9 @@ EIGEN_STRONG_INLINE void backward_packet(const packet_t<Acc>& xv, const packet_t
 /// ps, ph, pq (dscale, dshift, dpc) updated, or set when `first`. Two packets (a cache
 /// line of float) per iteration: independent chains for the FMA pipes, and each
 /// non-temporal line of dx completed at once. One row per update of the partials: two
-/// or four rows at a time (fewer partial loads and stores) measured 1.5-3x slower at
-/// 8192x4096, streaming stores to several rows at once being what DRAM does worst.
+/// rows at a time (fewer partial loads and stores) measured no faster once the partials
+/// were aligned, and four 3x slower at 8192x4096, streaming stores to several rows at
+/// once being what DRAM does worst.
 /// Cached: u from `u`, else recomputed. Stream: full packets of dx are aligned and
 /// written with non-temporal stores. Recomputing, the loop asks for x and dy
 /// kBackwardAhead bytes ahead (into the next row at its end): with the tanh between
