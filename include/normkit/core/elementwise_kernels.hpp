@@ -370,26 +370,34 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                    }
                    if (st_rows) stream_fence();
                  });
-    // Block order, then the positions of a channel in order: fixed by the shape.
-    parallel_for(dev, C, 3.0 * sizeof(Acc) * double(bl.blocks * v.inner),
-                 3.0 * double(bl.blocks * v.inner), [&](Index c0, Index c1) {
-                   for (Index c = c0; c < c1; ++c) {
+    // Block order, then the positions of a channel in order: fixed by the shape. Groups
+    // of whole channels, also fixed by the shape (see sum_blocks), kSumColumns positions
+    // or so at a time.
+    const Index per = std::max<Index>(1, kSumColumns / v.inner), groups = (C + per - 1) / per;
+    parallel_for(dev, groups, 3.0 * sizeof(Acc) * double(bl.blocks * per * v.inner),
+                 3.0 * double(bl.blocks * per * v.inner), [&](Index g0, Index g1) {
+                   Acc sj[3 * kSumColumns];
+                   for (Index c = g0 * per; c < std::min(C, g1 * per);) {
+                     const Index c1 = std::min({C, g1 * per, c + per});
                      Acc s = 0, h = 0, q = 0;
-                     for (Index j = c * v.inner; j < (c + 1) * v.inner; ++j) {
-                       Acc sj = 0, hj = 0, qj = 0;
-                       for (Index b = 0; b < bl.blocks; ++b) {
-                         const Acc* pb = part + b * 3 * L;
-                         sj += pb[j];
-                         hj += pb[L + j];
-                         qj += pb[2 * L + j];
+                     Index pos = 0;
+                     for (Index j0 = c * v.inner, end = c1 * v.inner; j0 < end; j0 += kSumColumns) {
+                       const Index n = std::min(kSumColumns, end - j0);
+                       for (Index k = 0; k < 3; ++k)
+                         sum_blocks(part + k * L + j0, 3 * L, bl.blocks, n, sj + k * kSumColumns);
+                       for (Index j = 0; j < n; ++j) {
+                         s += sj[j];
+                         h += sj[kSumColumns + j];
+                         q += sj[2 * kSumColumns + j];
+                         if (++pos < v.inner) continue;
+                         g.dscale[static_cast<std::size_t>(c)] = s;
+                         g.dshift[static_cast<std::size_t>(c)] = h;
+                         g.dpc[static_cast<std::size_t>(c)] = q;
+                         s = h = q = 0;
+                         pos = 0;
+                         ++c;
                        }
-                       s += sj;
-                       h += hj;
-                       q += qj;
                      }
-                     g.dscale[static_cast<std::size_t>(c)] = s;
-                     g.dshift[static_cast<std::size_t>(c)] = h;
-                     g.dpc[static_cast<std::size_t>(c)] = q;
                    }
                  });
     return g;

@@ -29,19 +29,20 @@ namespace detail {
 inline int num_threads(const Eigen::DefaultDevice&) { return 1; }
 inline int num_threads(const Eigen::ThreadPoolDevice& d) { return d.numThreads(); }
 
-/// Below this much memory traffic (a few tens of microseconds of work) a pool device
-/// runs the work on the calling thread: waking the pool's sleeping threads and waiting
-/// for them costs more than they would save, and a helper reads the data from the
-/// caller's cache (measured on 2 cores: LayerNorm forward of 128x768 floats at 19 GB/s
-/// on 2 threads, 36 GB/s on the caller alone; at 2 MiB instead of 1 MiB, the 2-thread
-/// medians of LayerNorm backward 128x768 61 -> 53 us, DyT forward 42 -> 35 us,
-/// BatchNorm training forward and backward of 256x512 97 -> 76 and 124 -> 94 us). The
-/// blocking, and so every result, is the same either way. normkit's own tests set it
-/// to 0, so that their small tensors still go through the pool.
+/// Below this much memory traffic (a few microseconds of work) a pool device runs the
+/// work on the calling thread: handing a part to a helper and waiting for it costs more
+/// than the helper would save. Measured on 2 cores, back to back calls, LayerNorm
+/// forward of rows x 768 floats: at 8 rows (48 KiB of traffic) 1.3 us inline, 1.6 us on
+/// 2 threads; at 16 rows 2.4 and 2.1; at 128 rows 19.7 and 10.5. A helper that the pool
+/// has parked starts late, and the caller then runs the helper's parts itself (see
+/// PoolRun). The blocking, and so every result, is the same either way. normkit's own
+/// tests set it to 0, so that their small tensors still go through the pool.
 #ifndef NORMKIT_INLINE_BYTES
-#define NORMKIT_INLINE_BYTES 2097152
+#define NORMKIT_INLINE_BYTES 131072
 #endif
 inline constexpr double kInlineBytes = NORMKIT_INLINE_BYTES;
+
+inline constexpr std::size_t kCacheLine = 64;
 
 /// A pause in a spin-wait loop (lets the sibling hyperthread run).
 inline void spin_pause() {
@@ -62,18 +63,42 @@ void parallel_for(const Eigen::DefaultDevice&, Index n, double, double, F&& f) {
 /// The state a pool call shares with its helper tasks. It outlives the call (a helper
 /// the pool starts late finds no part left and only touches this), and `body` is used
 /// only by a helper that claimed a part, which the caller waits for.
+///
+/// Every participant (the caller is number 0, helpers number themselves as they start)
+/// owns a contiguous run of parts and takes those first; then it takes what is left of
+/// the others'. A thread so works on the same rows call after call, which stay in its
+/// own L2 between calls when they fit: with parts claimed from one shared counter, the
+/// helper of a two-thread call often got the caller's rows of the previous call and
+/// read them across the cores.
 struct PoolRun {
+  struct alignas(kCacheLine) Share {
+    std::atomic<Index> next{0};
+    Index end = 0;
+  };
   Index n = 0, parts = 0;
-  std::atomic<Index> next{0}, done{0};
+  std::vector<Share> shares;  // one per participant
+  std::atomic<Index> joined{1}, done{0};
   void (*call)(const void*, Index, Index) = nullptr;
   const void* body = nullptr;
 
+  PoolRun(Index items, Index parts_, Index participants)
+      : n(items), parts(parts_), shares(static_cast<std::size_t>(participants)) {
+    for (Index t = 0; t < participants; ++t) {
+      shares[static_cast<std::size_t>(t)].next.store(parts * t / participants, std::memory_order_relaxed);
+      shares[static_cast<std::size_t>(t)].end = parts * (t + 1) / participants;
+    }
+  }
   Index begin(Index p) const { return n * p / parts; }
-  /// Claims and runs parts until none is left.
-  void work() {
-    for (Index p; (p = next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
-      call(body, begin(p), begin(p + 1));
-      done.fetch_add(1, std::memory_order_release);
+  /// Runs participant `self`'s parts, then any part another has not claimed yet.
+  void work(Index self) {
+    const Index participants = static_cast<Index>(shares.size());
+    for (Index i = 0; i < participants; ++i) {
+      Share& share = shares[static_cast<std::size_t>((self + i) % participants)];
+      if (share.next.load(std::memory_order_relaxed) >= share.end) continue;
+      for (Index p; (p = share.next.fetch_add(1, std::memory_order_relaxed)) < share.end;) {
+        call(body, begin(p), begin(p + 1));
+        done.fetch_add(1, std::memory_order_release);
+      }
     }
   }
 };
@@ -94,19 +119,19 @@ void parallel_for(const Eigen::ThreadPoolDevice& d, Index n, double bytes, doubl
     f(Index{0}, n);
     return;
   }
-  // Contiguous parts claimed from a shared counter by the caller and by threads - 1
-  // helpers, rather than Eigen's parallelFor: there the caller sleeps on a condition
-  // variable while the pool runs every block, two context switches per call that cost
-  // more than a tensor in cache takes to normalize (LayerNorm backward of 128x768 floats
-  // was 2.3x slower on 2 threads than on 1). Which thread runs a part changes nothing
-  // in the results: the blocking is the caller's, fixed by the shape.
-  auto run = std::make_shared<PoolRun>();
-  run->n = n;
-  run->parts = std::min<Index>(n, kPartsPerThread * threads);
+  // Contiguous parts run by the caller and by threads - 1 helpers, rather than Eigen's
+  // parallelFor: there the caller sleeps on a condition variable while the pool runs
+  // every block, two context switches per call that cost more than a tensor in cache
+  // takes to normalize (LayerNorm backward of 128x768 floats was 2.3x slower on 2
+  // threads than on 1). Which thread runs a part changes nothing in the results: the
+  // blocking is the caller's, fixed by the shape.
+  const Index participants = std::min<Index>(n, threads);
+  auto run = std::make_shared<PoolRun>(n, std::min<Index>(n, kPartsPerThread * participants), participants);
   run->call = [](const void* body, Index b, Index e) { (*static_cast<const std::decay_t<F>*>(body))(b, e); };
   run->body = &f;
-  for (int t = 1; t < threads; ++t) d.enqueueNoNotification([run] { run->work(); });
-  run->work();
+  for (Index t = 1; t < participants; ++t)
+    d.enqueueNoNotification([run] { run->work(run->joined.fetch_add(1, std::memory_order_relaxed)); });
+  run->work(0);
   // Wait for the parts the helpers claimed: spin briefly, then give the core away.
   for (int spin = 0; run->done.load(std::memory_order_acquire) < run->parts; ++spin) {
     if (spin < 4096)
@@ -135,7 +160,28 @@ inline Blocking fixed_blocking(Index items, Index min_per_block, Index max_block
   return b;
 }
 
-inline constexpr std::size_t kCacheLine = 64;
+/// Columns of block partials summed at once by sum_blocks: its sums stay in L1.
+inline constexpr Index kSumColumns = 256;
+
+/// out[j] = part[j] + part[stride + j] + ... over `blocks` rows of partials, for j in
+/// [0, n), each column summed in block order from 0 (as a scalar loop over the blocks
+/// would). The columns are independent, so the loop runs across them in vectors, without
+/// the strided scalar walk that made the combine of LayerNorm backward's partials cost as
+/// much as the rows at 256x512 on 2 threads. Callers pass column groups fixed by the
+/// shape, never by the thread count: whether a column is summed in the vector loop or in
+/// its scalar tail must not depend on it, since the two may order the operands of an add
+/// differently, which changes which NaN payload survives. Never inlined, for the same
+/// reason: one compiled copy serves every device (1 thread runs Eigen::DefaultDevice's
+/// instantiation of the caller, and an inlined copy there may be vectorized otherwise).
+template <class Acc>
+EIGEN_DONT_INLINE void sum_blocks(const Acc* part, Index stride, Index blocks, Index n, Acc* out) {
+  for (Index j = 0; j < n; ++j) out[j] = Acc(0);
+  for (Index b = 0; b < blocks; ++b) {
+    const Acc* __restrict p = part + b * stride;
+    Acc* __restrict o = out;
+    for (Index j = 0; j < n; ++j) o[j] += p[j];
+  }
+}
 
 /// Allocates on cache-line boundaries, for scratch arrays that hot loops read and write
 /// as packets: a packet then never straddles two lines. std::vector's 16-byte alignment

@@ -287,18 +287,21 @@ class TrailingNorm {
     });
     if (!nparts) return;
     // Combine the block partials in block order: the same bits for any thread count.
-    parallel_for(dev, F, double(bl.blocks * nparts * sizeof(Acc)), double(bl.blocks * nparts),
-                 [&](Index f0, Index f1) {
-                   for (Index f = f0; f < f1; ++f) {
-                     Acc sw = 0, sb = 0;
-                     for (Index b = 0; b < bl.blocks; ++b) {
-                       const Acc* part = partial + b * F * nparts;
-                       if (affine_) sw += part[f];
-                       if (has_bias_) sb += part[F + f];
+    // Columns in groups fixed by F (see sum_blocks): the same code sums each column for
+    // any thread count.
+    const Index groups = (F + kSumColumns - 1) / kSumColumns;
+    parallel_for(dev, groups, double(kSumColumns * bl.blocks * nparts * sizeof(Acc)),
+                 double(kSumColumns * bl.blocks * nparts), [&](Index g0, Index g1) {
+                   Acc sw[kSumColumns], sb[kSumColumns];
+                   for (Index c0 = g0 * kSumColumns; c0 < std::min(F, g1 * kSumColumns); c0 += kSumColumns) {
+                     const Index n = std::min(kSumColumns, F - c0);
+                     if (affine_) sum_blocks(partial + c0, F * nparts, bl.blocks, n, sw);
+                     if (has_bias_) sum_blocks(partial + F + c0, F * nparts, bl.blocks, n, sb);
+                     for (Index j = 0; j < n; ++j) {
+                       const Index o = fperm.empty() ? c0 + j : fperm[c0 + j];
+                       if (affine_) grads.weight(o) = static_cast<T>(sw[j]);
+                       if (has_bias_) grads.bias(o) = static_cast<T>(sb[j]);
                      }
-                     const Index o = fperm.empty() ? f : fperm[f];
-                     if (affine_) grads.weight(o) = static_cast<T>(sw);
-                     if (has_bias_) grads.bias(o) = static_cast<T>(sb);
                    }
                  });
   }
