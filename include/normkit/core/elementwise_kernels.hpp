@@ -377,10 +377,10 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
     parallel_for(dev, groups, 3.0 * sizeof(Acc) * double(bl.blocks * per * v.inner),
                  3.0 * double(bl.blocks * per * v.inner), [&](Index g0, Index g1) {
                    Acc sj[3 * kSumColumns];
-                   for (Index c = g0 * per; c < std::min(C, g1 * per);) {
-                     const Index c1 = std::min({C, g1 * per, c + per});
+                   for (Index gi = g0; gi < g1; ++gi) {
+                     const Index c1 = std::min(C, (gi + 1) * per);
+                     Index c = gi * per, pos = 0;
                      Acc s = 0, h = 0, q = 0;
-                     Index pos = 0;
                      for (Index j0 = c * v.inner, end = c1 * v.inner; j0 < end; j0 += kSumColumns) {
                        const Index n = std::min(kSumColumns, end - j0);
                        for (Index k = 0; k < 3; ++k)

@@ -286,15 +286,14 @@ class TrailingNorm {
                    });
     });
     if (!nparts) return;
-    // Combine the block partials in block order: the same bits for any thread count.
-    // Columns in groups fixed by F (see sum_blocks): the same code sums each column for
-    // any thread count.
+    // Combine the block partials in block order, in column groups fixed by F (see
+    // sum_blocks): the same bits for any thread count.
     const Index groups = (F + kSumColumns - 1) / kSumColumns;
     parallel_for(dev, groups, double(kSumColumns * bl.blocks * nparts * sizeof(Acc)),
                  double(kSumColumns * bl.blocks * nparts), [&](Index g0, Index g1) {
                    Acc sw[kSumColumns], sb[kSumColumns];
-                   for (Index c0 = g0 * kSumColumns; c0 < std::min(F, g1 * kSumColumns); c0 += kSumColumns) {
-                     const Index n = std::min(kSumColumns, F - c0);
+                   for (Index gi = g0; gi < g1; ++gi) {
+                     const Index c0 = gi * kSumColumns, n = std::min(kSumColumns, F - c0);
                      if (affine_) sum_blocks(partial + c0, F * nparts, bl.blocks, n, sw);
                      if (has_bias_) sum_blocks(partial + F + c0, F * nparts, bl.blocks, n, sb);
                      for (Index j = 0; j < n; ++j) {
