@@ -186,6 +186,29 @@ TEST(ConcurrencyTest, ParallelForRunsEveryItemOnce) {
   }
 }
 
+// Calls back to back on devices over two pools, each device made anew at the same place
+// on the stack (so a helper lingering after a call on one device sees the next device at
+// the same address): every item runs exactly once, on the calling thread or on a thread
+// of that device's own pool, never on the other pool's.
+TEST(ConcurrencyTest, HelpersServeOnlyTheirOwnPool) {
+  Eigen::ThreadPool pool_a(2), pool_b(3);
+  const std::thread::id caller = std::this_thread::get_id();
+  constexpr Index n = 64;
+  for (int call = 0; call < 1000; ++call) {
+    const bool a = (call / 3) % 2 == 0;  // three calls on one pool, then three on the other
+    const Eigen::ThreadPoolDevice dev(a ? &pool_a : &pool_b, a ? 2 : 3);
+    std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+    for (auto& h : hits) h = 0;
+    std::atomic<int> foreign{0};
+    normkit::detail::parallel_for(dev, n, 1e9, 1.0, [&](Index b, Index e) {
+      if (std::this_thread::get_id() != caller && dev.currentThreadId() == -1) ++foreign;
+      for (Index i = b; i < e; ++i) ++hits[static_cast<std::size_t>(i)];
+    });
+    ASSERT_EQ(foreign.load(), 0) << "call " << call;
+    for (Index i = 0; i < n; ++i) ASSERT_EQ(hits[static_cast<std::size_t>(i)].load(), 1) << "call " << call;
+  }
+}
+
 // A layer called from inside one of the pool's own tasks, on a device over that same
 // pool, runs on that thread: it returns (no wait on tasks that cannot start), with the
 // single-threaded bits.
