@@ -525,9 +525,19 @@ class BatchNorm {
     // The wide channels' sums as computed: sum(dy) of values near DBL_MAX can exceed
     // double although mean(dy) does not (without a reducer; with one, the double sums
     // are what the processes exchange).
-    std::vector<std::array<long double, 2>> wide_sums(static_cast<std::size_t>(C));
-    std::vector<detail::WideChannel> overflowed(static_cast<std::size_t>(C));  // by channel, when used
+    // Both by channel and sized on first use, which is rare: filling them with long
+    // doubles took 7% of BatchNorm backward at 256x512. Groups may run concurrently.
+    std::vector<std::array<long double, 2>> wide_sums;
+    std::vector<detail::WideChannel> overflowed;
+    std::once_flag wide_sized;
+    auto size_wide = [&] {
+      std::call_once(wide_sized, [&] {
+        wide_sums.resize(static_cast<std::size_t>(C));
+        overflowed.resize(static_cast<std::size_t>(C));
+      });
+    };
     for (const detail::WideChannel& w : cache.wide) was_wide[static_cast<std::size_t>(w.channel)] = &w;
+    if (!cache.wide.empty()) size_wide();
     // dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), k = weight * rstd (batch mode),
     // dx = k * dy (eval), as the map ((x - m) * a + dy) * k + b. Channels whose
     // coefficients leave Acc's range are done in long double.
@@ -581,6 +591,7 @@ class BatchNorm {
               sb += gi;
               sc += gi * ((static_cast<long double>(static_cast<double>(x.data()[i])) - mean) * r);
             });
+            size_wide();
             overflowed[static_cast<std::size_t>(c)] = {c, mean, r};
             was_wide[static_cast<std::size_t>(c)] = &overflowed[static_cast<std::size_t>(c)];
             wide_sums[static_cast<std::size_t>(c)] = {sb, sc};
