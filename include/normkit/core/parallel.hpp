@@ -126,11 +126,15 @@ struct PoolRun {
 ///
 /// The cost: for this long after a call one pool thread per helper spins instead of
 /// taking other tasks of the pool (the pool's other threads still do; Eigen's own
-/// threads spin about as long after each task). 0 turns lingering off.
+/// threads spin about as long after each task), and a helper that calls keep busy goes
+/// back to its pool only every kLingerTurnMicros. 0 turns lingering off.
 #ifndef NORMKIT_LINGER_US
 #define NORMKIT_LINGER_US 50
 #endif
 inline constexpr int kLingerMicros = NORMKIT_LINGER_US;
+/// The longest a helper serves calls in one go before it returns to its pool (see
+/// Lingerers::linger).
+inline constexpr int kLingerTurnMicros = 20 * kLingerMicros;
 
 /// Slots where lingering helpers wait, process-wide. A slot holds 0 (free), the address
 /// of a device with its low bit set (a helper waits there for a call on that device), or
@@ -174,7 +178,11 @@ class Lingerers {
   }
 
   /// Run by a helper on a pool thread after its part: waits in a free slot for calls on
-  /// the device of `key` and joins them, until kLingerMicros pass without one. A run
+  /// the device of `key` and joins them, until kLingerMicros pass without one, or
+  /// kLingerTurnMicros since it began. The turn's limit hands the thread back to the pool
+  /// now and then, so that the pool's other tasks run even while calls keep coming (a
+  /// task that loads the next batch, scheduled on the pool whose threads all linger,
+  /// would otherwise wait for as long as the training loop that waits for it). A run
   /// whose device is not served by this thread's pool (a device object destroyed, and
   /// another made at its address) is let go untouched, and the helper leaves.
   static void linger(std::uintptr_t key) {
@@ -186,7 +194,8 @@ class Lingerers {
     }
     std::atomic<std::uintptr_t>& s = slot(i);
     using Clock = std::chrono::steady_clock;
-    auto last = Clock::now();
+    const auto start = Clock::now();
+    auto last = start;
     for (unsigned spin = 1;; ++spin) {
       std::uintptr_t v = s.load(std::memory_order_acquire);
       if (v == key) {
@@ -202,9 +211,11 @@ class Lingerers {
       const bool ours = run->device->currentThreadId() != -1;
       if (ours) run->join();
       run->holders.fetch_sub(1, std::memory_order_release);
-      std::uintptr_t free_slot = 0;
-      if (!ours || !s.compare_exchange_strong(free_slot, key, std::memory_order_relaxed)) return;
       last = Clock::now();
+      std::uintptr_t free_slot = 0;
+      if (!ours || last - start > std::chrono::microseconds(kLingerTurnMicros) ||
+          !s.compare_exchange_strong(free_slot, key, std::memory_order_relaxed))
+        return;
     }
   }
 
