@@ -522,11 +522,11 @@ class BatchNorm {
     std::vector<double> sums(static_cast<std::size_t>(3 * C), 0.0);
     const Acc* m = cache.mean.data();
     std::vector<const detail::WideChannel*> was_wide(static_cast<std::size_t>(C), nullptr);
-    // The wide channels' sums as computed: sum(dy) of values near DBL_MAX can exceed
-    // double although mean(dy) does not (without a reducer; with one, the double sums
-    // are what the processes exchange).
-    // Both by channel and sized on first use, which is rare: filling them with long
-    // doubles took 7% of BatchNorm backward at 256x512. Groups may run concurrently.
+    // By channel: wide_sums, the long-double channels' sums as computed (sum(dy) of values
+    // near DBL_MAX can exceed double although mean(dy) does not; with a reducer, the
+    // double sums are what the processes exchange), and overflowed, the channels found
+    // to overflow here. Both are sized on first use, which is rare (filling them with
+    // long doubles took 7% of the call at 256x512); groups may run concurrently.
     std::vector<std::array<long double, 2>> wide_sums;
     std::vector<detail::WideChannel> overflowed;
     std::once_flag wide_sized;
