@@ -55,6 +55,18 @@ inline void spin_pause() {
 #endif
 }
 
+/// Waits until `ready()` holds: spins briefly (the other threads of a call finish within
+/// microseconds), then gives the core away between checks.
+template <class Ready>
+void wait_until(Ready&& ready) {
+  for (int spin = 0; !ready(); ++spin) {
+    if (spin < 4096)
+      spin_pause();
+    else
+      std::this_thread::yield();
+  }
+}
+
 /// Runs f(begin, end) over [0, n) on the device. `bytes` and `cycles` are the cost of
 /// one item, used by Eigen to choose how finely to split.
 template <class F>
@@ -219,17 +231,6 @@ class Lingerers {
     }
   }
 
-  /// Spins briefly on `ready`, then gives the core away between checks.
-  template <class Ready>
-  static void wait_until(Ready&& ready) {
-    for (int spin = 0; !ready(); ++spin) {
-      if (spin < 4096)
-        spin_pause();
-      else
-        std::this_thread::yield();
-    }
-  }
-
  private:
   static std::atomic<std::uintptr_t>& slot(int i) {
     static std::atomic<std::uintptr_t> slots[kSlots] = {};
@@ -276,7 +277,7 @@ void parallel_for(const Eigen::ThreadPoolDevice& d, Index n, double bytes, doubl
     });
   run->work(0);
   // Wait for the parts the helpers claimed, then for the lingering helpers to let go.
-  Lingerers::wait_until([&] { return run->done.load(std::memory_order_acquire) >= run->parts; });
+  wait_until([&] { return run->done.load(std::memory_order_acquire) >= run->parts; });
   Lingerers::take_back(key, run.get(), used, handed);
 }
 
