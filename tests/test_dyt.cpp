@@ -497,9 +497,10 @@ TEST(DyTTest, LargeInputsKeepNoTanhInTheCache) {
     }
 }
 
-// Outputs of 16 MiB and more are written with streaming stores (rows misaligned here:
-// 1029 columns), and no tanh is cached: every element must still get exactly the bits
-// of the cached, cache-resident path, which a few of its rows run alone give.
+// Outputs of kStreamBytes (8 MiB) and more are written with streaming stores (rows
+// misaligned here: 1029 columns), and no tanh is cached: every element must still get
+// exactly the bits of the cached, cache-resident path, which a few of its rows run alone
+// give.
 TEST(DyTTest, StreamedOutputsMatchTheInCachePathBitwise) {
   using Tensor2 = Eigen::Tensor<float, 2, Eigen::RowMajor>;
   const Index cols = 1029;

@@ -521,6 +521,48 @@ TEST(LayerNormTest, ConstantRowsGiveFiniteOutput) {
   }
 }
 
+// Outputs of kStreamBytes (8 MiB) and more are written with streaming stores (rows
+// misaligned here: 1029 columns). Every row must still get exactly the bits that it gets
+// in a tensor of three rows, which is written with plain stores.
+template <class Layer>
+void streamed_rows_case(Layer layer) {
+  using Tensor2 = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+  const Index cols = layer.weight().size();
+  const Index rows = Index(normkit::detail::simd::kStreamBytes / sizeof(float) / cols) + 2;
+  ASSERT_GE(static_cast<std::size_t>(rows * cols) * sizeof(float), normkit::detail::simd::kStreamBytes);
+  Tensor2 x(rows, cols), y(rows, cols), dy(rows, cols), dx(rows, cols);
+  x.setRandom();
+  dy.setRandom();
+  typename Layer::Cache cache;
+  typename Layer::Grads grads;
+  layer.forward(x, y, cache);
+  layer.backward(x, dy, cache, dx, grads);
+  for (Index r0 : {Index(0), rows / 2 + 1, rows - 3}) {
+    const Eigen::array<Index, 2> off{r0, 0}, ext{3, cols};
+    Tensor2 xs = x.slice(off, ext), dys = dy.slice(off, ext), ys(3, cols), dxs(3, cols);
+    typename Layer::Cache c;
+    typename Layer::Grads g;
+    layer.forward(xs, ys, c);
+    layer.backward(xs, dys, c, dxs, g);
+    Tensor2 yb = y.slice(off, ext), dxb = dx.slice(off, ext);
+    EXPECT_TRUE(nktest::bitwise_equal(nktest::logical(ys), nktest::logical(yb))) << "y, row " << r0;
+    EXPECT_TRUE(nktest::bitwise_equal(nktest::logical(dxs), nktest::logical(dxb))) << "dx, row " << r0;
+  }
+}
+
+TEST(LayerNormTest, StreamedOutputsMatchTheInCachePathBitwise) {
+  normkit::LayerNorm<float> ln(1029);
+  ln.weight().setRandom();
+  ln.bias().setRandom();
+  streamed_rows_case(ln);
+}
+
+TEST(RMSNormTest, StreamedOutputsMatchTheInCachePathBitwise) {
+  normkit::RMSNorm<float> rms(1029);
+  rms.weight().setRandom();
+  streamed_rows_case(rms);
+}
+
 TEST(LayerNormTest, HugeFiniteValuesDoNotOverflow) {
   // Squares of 1e30 overflow float; the row falls back to a wider type.
   normkit::LayerNorm<float> ln(10);

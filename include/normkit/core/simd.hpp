@@ -138,9 +138,24 @@ inline void stream_fence() {
 #endif
 }
 
-/// Outputs at least this large are written with streaming stores: they cannot stay in
-/// the last-level cache anyway, and smaller ones are better left there for the reader.
-inline constexpr std::size_t kStreamBytes = std::size_t(16) << 20;
+/// Outputs of at least this many bytes are written with streaming (non-temporal) stores:
+/// a store that misses the cache then does not first read the line it overwrites, and
+/// the output does not push the input out of the last-level cache. The price is that
+/// the output is not left in the cache for its reader, so smaller outputs, which may
+/// stay there, are written normally.
+///
+/// 8 MiB: LayerNorm forward of 4096x768 floats (12 MiB per tensor), streamed against
+/// not, alternating in one process on a 2-core Zen 3 VM (32 MiB L3 shared with other
+/// tenants), took 0.56-0.60x the time at 1 thread and 0.68-0.72x at 2; RMSNorm forward
+/// 0.65-0.80x, LayerNorm and RMSNorm backward 0.72-0.81x, DyT 0.89-1.07x. At 2048x768
+/// (6 MiB) streaming won at 1 thread and lost at 2 (LayerNorm forward 0.70x and 1.27x
+/// the time), and below that it lost (the tensors stay in the cache). Override with
+/// -DNORMKIT_STREAM_BYTES=... (bytes of one output tensor) for a machine whose
+/// last-level cache keeps more, or less.
+#ifndef NORMKIT_STREAM_BYTES
+#define NORMKIT_STREAM_BYTES 8388608
+#endif
+inline constexpr std::size_t kStreamBytes = NORMKIT_STREAM_BYTES;
 
 template <class T>
 inline constexpr bool can_stream_v = std::is_same_v<T, float> || std::is_same_v<T, double>;
