@@ -4,7 +4,7 @@ prints a one-screen summary: per layer, direction, shape and thread count, normk
 GB/s, its fraction of memcpy, and its speed relative to the best peer ("0.80x torch !"
 marks a row where normkit is behind).
 
-  python3 bench/compare.py --quick                 # < 3 minutes on 2 cores
+  python3 bench/compare.py --quick                 # < 4 minutes on 2 cores
   python3 bench/compare.py --threads 1,2,all       # 1, 2 and every core
   python3 bench/compare.py --json results.json     # summarize an earlier run
   python3 bench/compare.py --quick --markdown docs/benchmarks.md   # the docs page
@@ -251,12 +251,22 @@ def machine_meta(binary, args_text):
             "benchmark": sh("dpkg-query -W -f '${Version}' libbenchmark-dev") or "?", "args": args_text}
 
 
+# (repetitions, seconds per repetition) of each row.
+QUICK = (3, 0.02)
+FULL = (5, 0.2)
+
+
 def run(binary, threads, quick, bench_filter, out):
     env = dict(os.environ, NORMKIT_BENCH_THREADS=threads)
+    # Every row is timed several times, and the repetitions of all rows run in a random
+    # order: normkit's row and its peers' are then sampled across the same minutes, and
+    # their medians meet the same load on a shared machine. Timed one after the other, a
+    # burst of load that fell on one of them alone moved a ratio by 2x between runs.
+    reps, min_time = QUICK if quick else FULL
     cmd = [binary, "--benchmark_out=" + out, "--benchmark_out_format=json",
-           "--benchmark_min_time=%s" % ("0.05" if quick else "0.5"), "--benchmark_format=console"]
-    if not quick:
-        cmd += ["--benchmark_repetitions=3", "--benchmark_report_aggregates_only=true"]
+           "--benchmark_min_time=%s" % min_time, "--benchmark_format=console",
+           "--benchmark_repetitions=%d" % reps, "--benchmark_enable_random_interleaving=true",
+           "--benchmark_report_aggregates_only=true"]
     if bench_filter:
         cmd.append("--benchmark_filter=" + bench_filter)
     print("running:", "NORMKIT_BENCH_THREADS=%s" % threads, " ".join(cmd), file=sys.stderr)
@@ -295,7 +305,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default=os.environ.get("NORMKIT_BENCH", DEFAULT_BIN),
                     help="the benchmark binary (default build/release/bench/normkit_bench)")
-    ap.add_argument("--quick", action="store_true", help="short timings, one repetition: < 3 minutes on 2 cores")
+    ap.add_argument("--quick", action="store_true",
+                    help="short timings, median of 3 interleaved repetitions: < 4 minutes on 2 cores")
     ap.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2,all (default 1,2)")
     ap.add_argument("--filter", default="", help="a --benchmark_filter regex (keep BM_Memcpy out of it: it is not needed)")
     ap.add_argument("--json", help="summarize this JSON instead of running the binary")
