@@ -4,7 +4,7 @@ prints a one-screen summary: per layer, direction, shape and thread count, normk
 GB/s, its fraction of memcpy, and its speed relative to the best peer ("0.80x torch !"
 marks a row where normkit is behind).
 
-  python3 bench/compare.py --quick                 # < 4 minutes on 2 cores
+  python3 bench/compare.py --quick                 # < 5 minutes on 2 cores
   python3 bench/compare.py --threads 1,2,all       # 1, 2 and every core
   python3 bench/compare.py --json results.json     # summarize an earlier run
   python3 bench/compare.py --quick --markdown docs/benchmarks.md   # the docs page
@@ -306,7 +306,7 @@ def main():
     ap.add_argument("--bin", default=os.environ.get("NORMKIT_BENCH", DEFAULT_BIN),
                     help="the benchmark binary (default build/release/bench/normkit_bench)")
     ap.add_argument("--quick", action="store_true",
-                    help="short timings, median of 3 interleaved repetitions: < 4 minutes on 2 cores")
+                    help="short timings, median of 3 interleaved repetitions: < 5 minutes on 2 cores")
     ap.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2,all (default 1,2)")
     ap.add_argument("--filter", default="", help="a --benchmark_filter regex (keep BM_Memcpy out of it: it is not needed)")
     ap.add_argument("--json", help="summarize this JSON instead of running the binary")
