@@ -3,6 +3,8 @@
 #include <normkit/normkit.hpp>
 
 #include <cfloat>
+#include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "reference_norm.hpp"
@@ -561,6 +563,82 @@ TEST(RMSNormTest, StreamedOutputsMatchTheInCachePathBitwise) {
   normkit::RMSNorm<float> rms(1029);
   rms.weight().setRandom();
   streamed_rows_case(rms);
+}
+
+// LayerNorm forward of a tensor of up to kOverlapBytes (4 MiB) sums each row in the loop
+// that writes the row before it (rows_forward_overlapped); a larger one goes row by row.
+// Rows of every kind (one pass, two passes, a large offset, constant, NaN, inf, sums that
+// overflow, denormals) must get the same bits either way, on any number of threads
+// (which rows start and end a part).
+template <class T>
+void overlapped_rows_case(Index cols) {
+  using Tensor2 = Eigen::Tensor<T, 2, Eigen::RowMajor>;
+  const std::vector<double> rnd = nktest::random_vector(cols, 7);
+  std::vector<std::vector<double>> kinds(9, std::vector<double>(static_cast<std::size_t>(cols)));
+  for (std::size_t j = 0; j < rnd.size(); ++j) {
+    const double jj = static_cast<double>(j);
+    kinds[0][j] = rnd[j];                          // one pass
+    kinds[1][j] = 1e4 + 0.1 * rnd[j];              // large offset (bfloat16: constant)
+    kinds[2][j] = 100 * jj + rnd[j];               // drifting: two passes
+    kinds[3][j] = 3;                               // constant
+    kinds[4][j] = j == rnd.size() / 2 ? NAN : rnd[j];
+    kinds[5][j] = j == 0 ? -INFINITY : rnd[j];
+    kinds[6][j] = (j % 2 ? 0.9 : -0.8) * double(std::numeric_limits<T>::max());  // sums overflow
+    kinds[7][j] = 0;
+    kinds[8][j] = 1e-42 * rnd[j];                  // denormal in float
+  }
+  const Index nk = Index(kinds.size());
+  normkit::LayerNorm<T> ln(cols);
+  for (Index j = 0; j < cols; ++j) {
+    ln.weight()(j) = static_cast<T>(0.5 + 0.1 * static_cast<double>(j % 7));
+    ln.bias()(j) = static_cast<T>(0.01 * static_cast<double>(j % 5) - 0.02);
+  }
+  auto fill = [&](Tensor2& x, Index r0) {
+    for (Index k = 0; k < nk; ++k)
+      for (Index j = 0; j < cols; ++j) x(r0 + k, j) = static_cast<T>(kinds[std::size_t(k)][std::size_t(j)]);
+  };
+  // Row by row: a tensor over kOverlapBytes (and under kStreamBytes, so y is stored alike).
+  const Index big_rows = Index(normkit::detail::kOverlapBytes / sizeof(T) / std::size_t(cols)) + 1;
+  ASSERT_GT(std::size_t(big_rows * cols) * sizeof(T), normkit::detail::kOverlapBytes);
+  ASSERT_LT(std::size_t(big_rows * cols) * sizeof(T), normkit::detail::simd::kStreamBytes);
+  Tensor2 xb(big_rows, cols), yb(big_rows, cols);
+  const std::vector<double> fillv = nktest::random_vector(big_rows * cols, 8);
+  for (Index i = 0; i < big_rows * cols; ++i) xb.data()[i] = static_cast<T>(fillv[std::size_t(i)]);
+  fill(xb, 0);
+  fill(xb, big_rows - nk);
+  typename normkit::LayerNorm<T>::Cache cb;
+  ln.forward(xb, yb, cb);
+  // Overlapped: the same rows twice in a row, so every kind is both a part's first row
+  // and a row whose sums came from the previous row's loop, then 3 rows of the fill.
+  Tensor2 xs(2 * nk + 3, cols);
+  fill(xs, 0);
+  fill(xs, nk);
+  for (Index r = 2 * nk; r < 2 * nk + 3; ++r)
+    for (Index j = 0; j < cols; ++j) xs(r, j) = xb(r, j);
+  for (int threads : {1, 2, 3, 7}) {
+    nktest::on_threads(threads, [&](const auto& dev) {
+      Tensor2 ys(xs.dimensions());
+      typename normkit::LayerNorm<T>::Cache cs;
+      ln.forward(dev, xs, ys, cs);
+      for (Index r = 0; r < xs.dimension(0); ++r) {
+        const Index rb = r < 2 * nk ? r % nk : r;  // the same row in xb
+        for (Index j = 0; j < cols; ++j)
+          ASSERT_EQ(0, std::memcmp(&ys(r, j), &yb(rb, j), sizeof(T)))
+              << threads << " threads, row kind " << rb << ", column " << j << ": "
+              << double(ys(r, j)) << " vs " << double(yb(rb, j));
+        EXPECT_EQ(0, std::memcmp(&cs.mean(r), &cb.mean(rb), sizeof(cs.mean(r)))) << "mean, row " << r;
+        EXPECT_EQ(0, std::memcmp(&cs.rstd(r), &cb.rstd(rb), sizeof(cs.rstd(r)))) << "rstd, row " << r;
+      }
+    });
+  }
+}
+
+TEST(LayerNormTest, OverlappedRowsGiveTheBitsOfRowByRow) {
+  for (Index cols : {1, 5, 8, 37, 771}) {
+    overlapped_rows_case<float>(cols);
+    overlapped_rows_case<double>(cols);
+    overlapped_rows_case<Eigen::bfloat16>(cols);
+  }
 }
 
 TEST(LayerNormTest, HugeFiniteValuesDoNotOverflow) {
