@@ -234,15 +234,7 @@ EIGEN_STRONG_INLINE void backward_stretch(const T* x, const T* dy, T* dx, const 
       prefetch(x, i + kBackwardAhead / Index(sizeof(T)));
       prefetch(dy, i + kBackwardAhead / Index(sizeof(T)));
     }
-    P ds0 = zero<Acc>(), dh0 = zero<Acc>(), dq0 = zero<Acc>();
-    P ds1 = zero<Acc>(), dh1 = zero<Acc>(), dq1 = zero<Acc>();
-    if (!first) {
-      ds0 = load<Acc>(ps + i), dh0 = load<Acc>(ph + i), dq0 = load<Acc>(pq + i);
-      ds1 = load<Acc>(ps + i + W), dh1 = load<Acc>(ph + i + W), dq1 = load<Acc>(pq + i + W);
-    }
-    const P k0 = load<Acc>(kp + i), k1 = load<Acc>(kp + i + W);
     const P x0 = load<Acc>(x + i), x1 = load<Acc>(x + i + W);
-    const P d0 = load<Acc>(dy + i), d1 = load<Acc>(dy + i + W);
     P u0, u1;
     if constexpr (Cached) {
       u0 = load<Acc>(u + i);
@@ -250,10 +242,17 @@ EIGEN_STRONG_INLINE void backward_stretch(const T* x, const T* dy, T* dx, const 
     } else {
       f.value2(x0, x1, u0, u1);
     }
-    backward_packet<Acc, Stream>(x0, d0, u0, f.slope(u0), k0, dx + i, W, ds0, dh0, dq0);
-    backward_packet<Acc, Stream>(x1, d1, u1, f.slope(u1), k1, dx + i + W, W, ds1, dh1, dq1);
-    store<Acc>(ps + i, ds0), store<Acc>(ph + i, dh0), store<Acc>(pq + i, dq0);
-    store<Acc>(ps + i + W, ds1), store<Acc>(ph + i + W, dh1), store<Acc>(pq + i + W, dq1);
+    // Everything else is loaded after the tanh: live across it, the partials and dy made
+    // the compiler spill them (and tanh's constants) to the stack.
+    for (Index h = 0; h < 2; ++h) {
+      const Index j = i + h * W;
+      const P& uv = h ? u1 : u0;
+      P ds = zero<Acc>(), dh = zero<Acc>(), dq = zero<Acc>();
+      if (!first) ds = load<Acc>(ps + j), dh = load<Acc>(ph + j), dq = load<Acc>(pq + j);
+      backward_packet<Acc, Stream>(h ? x1 : x0, load<Acc>(dy + j), uv, f.slope(uv),
+                                   load<Acc>(kp + j), dx + j, W, ds, dh, dq);
+      store<Acc>(ps + j, ds), store<Acc>(ph + j, dh), store<Acc>(pq + j, dq);
+    }
   }
   for (; i < n; i += W) {
     const Index cnt = std::min(W, n - i);
