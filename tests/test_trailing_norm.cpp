@@ -565,13 +565,14 @@ TEST(RMSNormTest, StreamedOutputsMatchTheInCachePathBitwise) {
   streamed_rows_case(rms);
 }
 
-// LayerNorm forward of a tensor of up to kOverlapBytes (4 MiB) sums each row in the loop
+// LayerNorm and RMSNorm forward of a tensor of up to kOverlapBytes (4 MiB) sums each row in the loop
 // that writes the row before it (rows_forward_overlapped); a larger one goes row by row.
 // Rows of every kind (one pass, two passes, a large offset, constant, NaN, inf, sums that
 // overflow, denormals) must get the same bits either way, on any number of threads
 // (which rows start and end a part).
-template <class T>
+template <bool Center, class T>
 void overlapped_rows_case(Index cols) {
+  using Layer = std::conditional_t<Center, normkit::LayerNorm<T>, normkit::RMSNorm<T>>;
   using Tensor2 = Eigen::Tensor<T, 2, Eigen::RowMajor>;
   const std::vector<double> rnd = nktest::random_vector(cols, 7);
   std::vector<std::vector<double>> kinds(9, std::vector<double>(static_cast<std::size_t>(cols)));
@@ -588,10 +589,10 @@ void overlapped_rows_case(Index cols) {
     kinds[8][j] = 1e-42 * rnd[j];                  // denormal in float
   }
   const Index nk = Index(kinds.size());
-  normkit::LayerNorm<T> ln(cols);
+  Layer ln(cols);
   for (Index j = 0; j < cols; ++j) {
     ln.weight()(j) = static_cast<T>(0.5 + 0.1 * static_cast<double>(j % 7));
-    ln.bias()(j) = static_cast<T>(0.01 * static_cast<double>(j % 5) - 0.02);
+    if constexpr (Center) ln.bias()(j) = static_cast<T>(0.01 * static_cast<double>(j % 5) - 0.02);
   }
   auto fill = [&](Tensor2& x, Index r0) {
     for (Index k = 0; k < nk; ++k)
@@ -606,7 +607,7 @@ void overlapped_rows_case(Index cols) {
   for (Index i = 0; i < big_rows * cols; ++i) xb.data()[i] = static_cast<T>(fillv[std::size_t(i)]);
   fill(xb, 0);
   fill(xb, big_rows - nk);
-  typename normkit::LayerNorm<T>::Cache cb;
+  typename Layer::Cache cb;
   ln.forward(xb, yb, cb);
   // Overlapped: the same rows twice in a row, so every kind is both a part's first row
   // and a row whose sums came from the previous row's loop, then 3 rows of the fill.
@@ -618,7 +619,7 @@ void overlapped_rows_case(Index cols) {
   for (int threads : {1, 2, 3, 7}) {
     nktest::on_threads(threads, [&](const auto& dev) {
       Tensor2 ys(xs.dimensions());
-      typename normkit::LayerNorm<T>::Cache cs;
+      typename Layer::Cache cs;
       ln.forward(dev, xs, ys, cs);
       for (Index r = 0; r < xs.dimension(0); ++r) {
         const Index rb = r < 2 * nk ? r % nk : r;  // the same row in xb
@@ -626,7 +627,8 @@ void overlapped_rows_case(Index cols) {
           ASSERT_EQ(0, std::memcmp(&ys(r, j), &yb(rb, j), sizeof(T)))
               << threads << " threads, row kind " << rb << ", column " << j << ": "
               << double(ys(r, j)) << " vs " << double(yb(rb, j));
-        EXPECT_EQ(0, std::memcmp(&cs.mean(r), &cb.mean(rb), sizeof(cs.mean(r)))) << "mean, row " << r;
+        if constexpr (Center)
+          EXPECT_EQ(0, std::memcmp(&cs.mean(r), &cb.mean(rb), sizeof(cs.mean(r)))) << "mean, row " << r;
         EXPECT_EQ(0, std::memcmp(&cs.rstd(r), &cb.rstd(rb), sizeof(cs.rstd(r)))) << "rstd, row " << r;
       }
     });
@@ -635,9 +637,17 @@ void overlapped_rows_case(Index cols) {
 
 TEST(LayerNormTest, OverlappedRowsGiveTheBitsOfRowByRow) {
   for (Index cols : {1, 5, 8, 37, 771}) {
-    overlapped_rows_case<float>(cols);
-    overlapped_rows_case<double>(cols);
-    overlapped_rows_case<Eigen::bfloat16>(cols);
+    overlapped_rows_case<true, float>(cols);
+    overlapped_rows_case<true, double>(cols);
+    overlapped_rows_case<true, Eigen::bfloat16>(cols);
+  }
+}
+
+TEST(RMSNormTest, OverlappedRowsGiveTheBitsOfRowByRow) {
+  for (Index cols : {1, 5, 8, 37, 771}) {
+    overlapped_rows_case<false, float>(cols);
+    overlapped_rows_case<false, double>(cols);
+    overlapped_rows_case<false, Eigen::bfloat16>(cols);
   }
 }
 

@@ -80,6 +80,18 @@ Acc row_sum(const T* x, Index n, Acc s) {
   return r;
 }
 
+/// The scalar tail [i, n) of row_sum_sq, added to r. Never inlined, as sum_d_d2_tail (see
+/// there): RMSNorm's overlapped rows sum a row's tail in another loop.
+template <bool Center, bool Corr, class Acc, class T>
+EIGEN_DONT_INLINE void row_sum_sq_tail(const T* x, Index i, Index n, Acc s, Acc d, Acc& r) {
+  for (; i < n; ++i) {
+    Acc v = static_cast<Acc>(x[i]);
+    if constexpr (Center) v -= s;
+    if constexpr (Corr) v -= d;
+    r += v * v;
+  }
+}
+
 /// sum(x^2) (no Center), sum((x - s)^2) (Center), sum(((x - s) - d)^2) (Center, Corr).
 template <bool Center, bool Corr, class Acc, class T>
 Acc row_sum_sq(const T* x, Index n, Acc s, Acc d) {
@@ -93,12 +105,7 @@ Acc row_sum_sq(const T* x, Index n, Acc s, Acc d) {
     if constexpr (Corr) v = psub(v, pd);
     return pmadd(v, v, a);
   }, r);
-  for (; i < n; ++i) {
-    Acc v = static_cast<Acc>(x[i]);
-    if constexpr (Center) v -= s;
-    if constexpr (Corr) v -= d;
-    r += v * v;
-  }
+  row_sum_sq_tail<Center, Corr>(x, i, n, s, d, r);
   return r;
 }
 
@@ -249,9 +256,10 @@ struct RowStats {
   bool fast = true, wide = false;
 };
 
-/// A row's statistics from its one-pass moments (`one`: m = s, d, var valid), or, where
-/// those were not accurate enough, from the row again: mean(x), then mean((x - m)^2) (and,
-/// with a large offset, d = mean(x - m) and mean(((x - m) - d)^2)).
+/// A row's statistics from its one-pass moments (`one`: m = s, d, var valid; without
+/// Center, var = sum(x^2) * (1/n) given), or, where those were not accurate enough, from
+/// the row again: mean(x), then mean((x - m)^2) (and, with a large offset,
+/// d = mean(x - m) and mean(((x - m) - d)^2)).
 template <bool Center, class Acc, class T>
 RowStats<Acc> row_stats(const T* x, Index n, Acc eps, bool one, Acc m, Acc d, Acc var) {
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
@@ -344,13 +352,13 @@ void row_forward(const T* x, T* y, Index n, Acc eps, Affine<T> p, bool stream, A
   row_map<HasW, HasB>(x, y, n, p, stream, st);
 }
 
-/// LayerNorm over `rows` contiguous rows, with pass 2 of each row and pass 1 of the next
-/// in one loop: the next row's sums do not wait for this row's statistics, so the core
-/// overlaps them with the stores of this row instead of stalling at every row's end (the
-/// reduction, the square root and the first dependent FMA of pass 2). Every row gets the
-/// same bits wherever a thread's part starts or ends: the next row's sums are those of
-/// sum_d_d2 (same accumulators, same order, the same compiled tail; they decide only
-/// finite rows), and the map of every row comes from one loop (the last row sums itself
+/// LayerNorm (Center) or RMSNorm over `rows` contiguous rows, with pass 2 of each row and
+/// pass 1 of the next in one loop: the next row's sums do not wait for this row's
+/// statistics, so the core overlaps them with the stores of this row instead of stalling
+/// at every row's end (the reduction, the square root and the first dependent FMA of
+/// pass 2). Every row gets the same bits wherever a thread's part starts or ends: the next
+/// row's sums are those of sum_d_d2 or row_sum_sq (same accumulators, same order, the same
+/// compiled tail; they decide only finite rows), and the map of every row comes from one loop (the last row sums itself
 /// again, for nothing): a second copy of the map, for the row that ends a part, was
 /// compiled with the operands of a multiply swapped, and a row whose mean is NaN got
 /// another NaN there (the fuzz replay caught a bfloat16 row [0.34, -inf, -2.3] whose y
@@ -364,60 +372,90 @@ void row_forward(const T* x, T* y, Index n, Acc eps, Affine<T> p, bool stream, A
 /// kept fewer loads in flight; 4096-float rows (16 KiB, longer than the latency) 1.00-1.04x.
 inline constexpr std::size_t kOverlapBytes = std::size_t(4) << 20;
 
-template <bool HasW, bool HasB, class Acc, class T>
+/// The sums that pass 1 of the overlapped rows carries to the next row: around the
+/// shift s, S1 = sum(x - s) and S2 = sum((x - s)^2) (LayerNorm); S2 = sum(x^2) (RMSNorm).
+template <class Acc>
+struct RowSums {
+  Acc s = 0, s1 = 0, s2 = 0;
+};
+
+/// A row's sums as the row-by-row kernels form them (row_moments_one_pass, row_sum_sq).
+template <bool Center, class Acc, class T>
+RowSums<Acc> row_sums(const T* x, Index n) {
+  RowSums<Acc> r;
+  if constexpr (Center) {
+    r.s = row_shift<Acc>(x, n);
+    sum_d_d2<false>(x, n, r.s, r.s1, r.s2);
+  } else {
+    r.s2 = row_sum_sq<false, false>(x, n, Acc(0), Acc(0));
+  }
+  return r;
+}
+
+template <bool Center, bool HasW, bool HasB, class Acc, class T>
 EIGEN_DONT_INLINE void rows_forward_overlapped(const T* x, T* y, Index rows, Index n, Acc eps,
                                                Affine<T> p, Acc* mean, Acc* rstd) {
   using namespace simd;
   using P = packet_t<Acc>;
-  constexpr Index W = packet_size<Acc>, K = kRowAcc / 2;
+  // The accumulators of sum_d_d2 (two arrays) or of row_sum_sq (row_reduce: one).
+  constexpr Index W = packet_size<Acc>, K = Center ? kRowAcc / 2 : kRowAcc;
   constexpr Index kLine = std::max<Index>(1, 64 / Index(sizeof(T)));
-  Acc s = row_shift<Acc>(x, n), s1, s2;
-  sum_d_d2<false>(x, n, s, s1, s2);
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  RowSums<Acc> sums = row_sums<Center, Acc>(x, n);
   for (Index r = 0; r < rows; ++r) {
     const T* xr = x + r * n;
     T* yr = y + r * n;
-    Acc d = 0, var = 0, m_out, r_out;
-    const bool one = one_pass_moments(s1, s2, n, d, var);
-    const RowStats<Acc> st = row_stats<true>(xr, n, eps, one, s, d, var);
+    Acc d = 0, var = 0, m_out = 0, r_out;
+    bool one = true;
+    if constexpr (Center)
+      one = one_pass_moments(sums.s1, sums.s2, n, d, var);
+    else
+      var = sums.s2 * inv_n;  // as row_stats forms it
+    const RowStats<Acc> st = row_stats<Center>(xr, n, eps, one, sums.s, d, var);
     const bool last = r + 1 == rows;
     if (st.wide) {
-      row_forward_wide<true>(xr, yr, n, 1, eps, p, m_out, r_out);
-      if (!last) {
-        s = row_shift<Acc>(xr + n, n);
-        sum_d_d2<false>(xr + n, n, s, s1, s2);
-      }
+      row_forward_wide<Center>(xr, yr, n, 1, eps, p, m_out, r_out);
+      if (!last) sums = row_sums<Center, Acc>(xr + n, n);
     } else {
       m_out = st.m + st.d;
       r_out = st.r;
       // The last row sums itself again (discarded): every row's y then comes from this
       // one loop, whichever row ends a thread's part.
       const T* xn = last ? xr : xr + n;
-      s = row_shift<Acc>(xn, n);
-      const P ps = pset1<P>(s);
+      sums.s = Center ? row_shift<Acc>(xn, n) : Acc(0);
+      const P ps = pset1<P>(sums.s);
       with_fast(st, [&](auto fast) {
         const RowMap<decltype(fast)::value, HasW, HasB, Acc, T> map(st, p);
         P a[K], q[K];
         for (Index k = 0; k < K; ++k) a[k] = q[k] = zero<Acc>();
+        auto add = [&](Index k, const T* at) {
+          if constexpr (Center) {
+            const P v = psub(load<Acc>(at), ps);
+            a[k] = padd(a[k], v);
+            q[k] = pmadd(v, v, q[k]);
+          } else {
+            const P v = load<Acc>(at);
+            q[k] = pmadd(v, v, q[k]);
+          }
+        };
         Index i = 0;
         for (; i + K * W <= n; i += K * W) {
           for (Index l = 0; l < K * W; l += kLine) prefetch(xn, n + i + l);
           for (Index k = 0; k < K; ++k) store<Acc>(yr + i + k * W, map(xr, i + k * W, W));
-          for (Index k = 0; k < K; ++k) {
-            const P v = psub(load<Acc>(xn + i + k * W), ps);
-            a[k] = padd(a[k], v);
-            q[k] = pmadd(v, v, q[k]);
-          }
+          for (Index k = 0; k < K; ++k) add(k, xn + i + k * W);
         }
         for (; i + W <= n; i += W) {
           store<Acc>(yr + i, map(xr, i, W));
-          const P v = psub(load<Acc>(xn + i), ps);
-          a[0] = padd(a[0], v);
-          q[0] = pmadd(v, v, q[0]);
+          add(0, xn + i);
         }
         if (i < n) store_n<Acc>(yr + i, map(xr, i, n - i), n - i, false);
-        s1 = predux(tree_sum<K>(a));
-        s2 = predux(tree_sum<K>(q));
-        sum_d_d2_tail(xn, i, n, s, s1, s2);
+        sums.s2 = predux(tree_sum<K>(q));
+        if constexpr (Center) {
+          sums.s1 = predux(tree_sum<K>(a));
+          sum_d_d2_tail(xn, i, n, sums.s, sums.s1, sums.s2);
+        } else {
+          row_sum_sq_tail<false, false>(xn, i, n, Acc(0), Acc(0), sums.s2);
+        }
       });
     }
     if (mean) mean[r] = m_out;

@@ -155,7 +155,7 @@ class TrailingNorm {
     T* yp = y.data();
     const bool stream = simd::can_stream_v<T> &&
                         static_cast<std::size_t>(x.size()) * sizeof(T) >= simd::kStreamBytes;
-    [[maybe_unused]] const bool overlap =
+    const bool overlap =
         !stream && static_cast<std::size_t>(x.size()) * sizeof(T) <= kOverlapBytes;
     const std::vector<Index> fperm = param_permutation(dims, row_major);
     const Eigen::Tensor<T, 1> w = permuted(weight_, fperm), b = permuted(bias_, fperm);
@@ -170,13 +170,11 @@ class TrailingNorm {
       constexpr bool HasW = decltype(hw)::value, HasB = decltype(hb)::value;
       if constexpr (row_major) {
         parallel_for(dev, rows, 2.0 * F * sizeof(T), 10.0 * F, [&](Index r0, Index r1) {
-          if constexpr (Center) {
-            if (overlap) {
-              rows_forward_overlapped<HasW, HasB>(xp + r0 * F, yp + r0 * F, r1 - r0, F, eps, p,
-                                                  mean ? mean + r0 : nullptr,
-                                                  rstd ? rstd + r0 : nullptr);
-              return;
-            }
+          if (overlap) {
+            rows_forward_overlapped<Center, HasW, HasB>(xp + r0 * F, yp + r0 * F, r1 - r0, F, eps,
+                                                        p, mean ? mean + r0 : nullptr,
+                                                        rstd ? rstd + r0 : nullptr);
+            return;
           }
           for (Index r = r0; r < r1; ++r) {
             Acc m, s;
