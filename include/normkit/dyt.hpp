@@ -23,6 +23,42 @@
 
 namespace normkit {
 
+namespace detail {
+
+/// DyT's parameter gradients from its per-channel sums (S: Acc, or the wider type where
+/// sums were redone there): dweight = dscale, dbias = dshift (null: none), and the return
+/// value dalpha = sum_c weight[c] * dpc[c] (weight null: 1) in the wider type, as four
+/// partial sums over the channels c = 0, 1, 2, 3 (mod 4), added (s0 + s1) + (s2 + s3): an
+/// order fixed by C alone, and no chain of C dependent adds. No values (`any` false), no
+/// terms: 0 even where a weight is inf or NaN, as the elementwise sum. Never inlined: one
+/// compiled copy serves every device, so that a NaN's payload does not depend on which
+/// copy's order of operands its adds got.
+template <class Acc, class T, class S>
+EIGEN_DONT_INLINE T dyt_param_grads(Index C, bool any, const T* w, const S* dpc, const S* dscale,
+                                    const S* dshift, T* dweight, T* dbias) {
+  using Wd = wide_t<Acc>;
+  auto term = [&](Index c) {
+    const Wd q = static_cast<Wd>(dpc[c]);
+    return w ? q * static_cast<Wd>(static_cast<Acc>(w[c])) : q;
+  };
+  Wd d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+  Index c = 0;
+  for (; c + 4 <= C; c += 4) {
+    d0 += term(c);
+    d1 += term(c + 1);
+    d2 += term(c + 2);
+    d3 += term(c + 3);
+  }
+  if (c < C) d0 += term(c++);
+  if (c < C) d1 += term(c++);
+  if (c < C) d2 += term(c++);
+  for (Index j = 0; j < C && dweight; ++j) dweight[j] = static_cast<T>(static_cast<Acc>(dscale[j]));
+  for (Index j = 0; j < C && dbias; ++j) dbias[j] = static_cast<T>(static_cast<Acc>(dshift[j]));
+  return any ? static_cast<T>(static_cast<Acc>((d0 + d1) + (d2 + d3))) : T(0);
+}
+
+}  // namespace detail
+
 /// Where a DyT sits in a LLaMA-style model, for dyt_alpha_init_llm().
 enum class DyTPosition {
   Attention,  // the DyT before the attention of a block
@@ -277,9 +313,12 @@ class DyT {
     // dx may still alias x or dy).
     using Wd = detail::wide_t<Acc>;
     const Acc alpha = cache.alpha;
-    std::vector<Acc> k(static_cast<std::size_t>(C_));
+    detail::AlignedVector<Acc> k(static_cast<std::size_t>(C_));
     std::vector<Index> apart;
-    for (Index c = 0; c < C_; ++c) {
+    // First in Acc, in vectors (scaled_params); only where some channel leaves Acc's
+    // range, every channel again in the wider type.
+    const bool plain = detail::scaled_params<Acc>(affine ? weight_.data() : nullptr, alpha, C_, k.data());
+    for (Index c = 0; c < C_ && !plain; ++c) {
       const Wd kw = (affine ? static_cast<Wd>(static_cast<Acc>(weight_(c))) : Wd(1)) * static_cast<Wd>(alpha);
       const Acc kc = static_cast<Acc>(kw);
       const bool out = std::isfinite(kw) && (!std::isfinite(kc) || (kw != 0 && std::fabs(kc) < std::numeric_limits<Acc>::min()));
@@ -307,44 +346,47 @@ class DyT {
       for (Index o = 0; o < v.outer; ++o)
         for (Index i = 0; i < v.inner; ++i) dx.data()[(o * v.mid + c) * v.inner + i] = apart_dx[j++];
 
-    // dalpha = sum_c weight[c] * sum(dy * s * x over channel c), in channel order and in
-    // a wider type: C terms, so the cost is nothing and the order is fixed.
+    auto finish = [&](const auto& dpc, const auto& dscale, const auto& dshift) {
+      grads.alpha = detail::dyt_param_grads<Acc>(C_, x.size() > 0, affine ? weight_.data() : nullptr,
+                                                 dpc.data(), dscale.data(), dshift.data(),
+                                                 affine ? grads.weight.data() : nullptr,
+                                                 with_bias ? grads.bias.data() : nullptr);
+    };
+    auto finite = [](const std::vector<Acc>& a) {
+      int odd = 0;  // |v| <= max: false for inf and NaN; no branch, so it runs in vectors
+      for (const Acc v : a) odd |= !(std::fabs(v) <= std::numeric_limits<Acc>::max());
+      return odd == 0;
+    };
+    if (x.size() == 0 || (finite(g.dpc) && finite(g.dscale) && finite(g.dshift))) {
+      finish(g.dpc, g.dscale, g.dshift);
+      return;
+    }
     // Per-channel sums of finite values that overflowed Acc (dy near FLT_MAX): redone in
     // the wider type, where they are what the weights multiply (a tiny weight brings
     // dalpha back into range).
     std::vector<Wd> dpc(g.dpc.begin(), g.dpc.end()), dscale(g.dscale.begin(), g.dscale.end()),
         dshift(g.dshift.begin(), g.dshift.end());
-    for (Index c = 0; c < C_ && x.size() > 0; ++c) {
+    for (Index c = 0; c < C_; ++c) {
       const std::size_t cu = static_cast<std::size_t>(c);
       if (std::isfinite(dpc[cu]) && std::isfinite(dscale[cu]) && std::isfinite(dshift[cu])) continue;
       Wd q = 0, sw = 0, sb = 0;
-      bool finite = true;
+      bool all = true;
       for (Index o = 0; o < v.outer; ++o)
         for (Index i = 0; i < v.inner; ++i) {
           const Index e = (o * v.mid + c) * v.inner + i;
           const Wd xe = static_cast<Acc>(x.data()[e]), d = static_cast<Acc>(dy.data()[e]);
-          finite = finite && std::isfinite(xe) && std::isfinite(d);
+          all = all && std::isfinite(xe) && std::isfinite(d);
           const Wd t = std::tanh(static_cast<Wd>(alpha) * xe);
           q += d * (1 - t * t) * xe;
           sw += d * t;
           sb += d;
         }
-      if (!finite) continue;  // NaN and Inf stay in their channel
+      if (!all) continue;  // NaN and Inf stay in their channel
       dpc[cu] = q;
       dscale[cu] = sw;
       dshift[cu] = sb;
     }
-    // No values, no terms: 0 even where a weight is inf or NaN (as the elementwise sum).
-    detail::wide_t<Acc> dalpha = 0;
-    for (Index c = 0; c < C_ && x.size() > 0; ++c) {
-      const auto q = dpc[static_cast<std::size_t>(c)];
-      dalpha += affine ? q * static_cast<detail::wide_t<Acc>>(static_cast<Acc>(weight_(c))) : q;
-    }
-    grads.alpha = static_cast<T>(static_cast<Acc>(dalpha));
-    for (Index c = 0; c < C_; ++c) {
-      if (affine) grads.weight(c) = static_cast<T>(static_cast<Acc>(dscale[static_cast<std::size_t>(c)]));
-      if (with_bias) grads.bias(c) = static_cast<T>(static_cast<Acc>(dshift[static_cast<std::size_t>(c)]));
-    }
+    finish(dpc, dscale, dshift);
   }
 
   Index C_;

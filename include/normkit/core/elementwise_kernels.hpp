@@ -188,6 +188,24 @@ void channel_map_forward(const Dev& dev, const Block3& v, const T* x, T* y, Acc*
                });
 }
 
+/// k[c] = w[c] * alpha in Acc (w null: alpha), without branches, so that it runs in
+/// vectors. True where every k is normal, or 0 because a factor is: then each k is also
+/// the product in a wider type rounded to Acc (bit for bit where Acc is float, whose
+/// products are exact in double). False where some product is not finite or left Acc's
+/// normal range although its factors are finite: the caller redoes those in the wider type.
+/// Never inlined: one compiled copy serves every device.
+template <class Acc, class T>
+EIGEN_DONT_INLINE bool scaled_params(const T* __restrict w, Acc alpha, Index C, Acc* __restrict k) {
+  constexpr Acc lo = std::numeric_limits<Acc>::min(), hi = std::numeric_limits<Acc>::max();
+  int odd = 0;
+  for (Index c = 0; c < C; ++c) {
+    const Acc wc = w ? static_cast<Acc>(w[c]) : Acc(1), kc = wc * alpha, a = std::fabs(kc);
+    k[c] = kc;
+    odd |= ((a != 0) & !((a >= lo) & (a <= hi))) | ((a == 0) & (wc != 0) & (alpha != 0));
+  }
+  return odd == 0;
+}
+
 /// The per-channel sums of backward, [C] each, in Acc.
 template <class Acc>
 struct ChannelGrads {
@@ -334,7 +352,9 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
 
   if (use_rows(v)) {
     const Index L = C * v.inner, tiles = (L + kRowTile - 1) / kRowTile;
-    const AlignedVector<Acc> ke = expand_param<Acc>(k, C, v.inner, Acc(0));
+    // k per position: k itself where a channel is one position (tokens x features).
+    const AlignedVector<Acc> ke = v.inner == 1 ? AlignedVector<Acc>() : expand_param<Acc>(k, C, v.inner, Acc(0));
+    const Acc* const kpos = v.inner == 1 ? k : ke.data();
     // A few MiB of partials at most: fewer row blocks for very long rows.
     const Index cap = std::max<Index>(1, std::min<Index>(64, (Index(1) << 20) / (3 * L)));
     const Blocking bl = fixed_blocking(v.outer, 16, cap);
@@ -349,7 +369,7 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                      Acc* ps = part + b * 3 * L + c0;
                      Acc* ph = ps + L;
                      Acc* pq = ph + L;
-                     const Acc* kp = ke.data() + c0;
+                     const Acc* kp = kpos + c0;
                      for (Index r = bl.begin(b); r < bl.end(b); ++r) {
                        const Index off = r * L + c0;
                        const bool first = r == bl.begin(b);
@@ -375,6 +395,16 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
     const Index per = std::max<Index>(1, kSumColumns / v.inner), groups = (C + per - 1) / per;
     parallel_for(dev, groups, 3.0 * sizeof(Acc) * double(bl.blocks * per * v.inner),
                  3.0 * double(bl.blocks * per * v.inner), [&](Index g0, Index g1) {
+                   if (v.inner == 1) {
+                     // A channel is one position: its sum is the column's, the same bits
+                     // as 0 + the column's (which starts from +0, so is never -0).
+                     Acc* const out[3] = {g.dscale.data(), g.dshift.data(), g.dpc.data()};
+                     for (Index gi = g0; gi < g1; ++gi) {
+                       const Index j0 = gi * per, n = std::min(C, j0 + per) - j0;
+                       for (Index k = 0; k < 3; ++k) sum_blocks(part + k * L + j0, 3 * L, bl.blocks, n, out[k] + j0);
+                     }
+                     return;
+                   }
                    Acc sj[3 * kSumColumns];
                    for (Index gi = g0; gi < g1; ++gi) {
                      const Index c1 = std::min(C, (gi + 1) * per);
