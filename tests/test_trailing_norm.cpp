@@ -627,8 +627,9 @@ void overlapped_rows_case(Index cols) {
           ASSERT_EQ(0, std::memcmp(&ys(r, j), &yb(rb, j), sizeof(T)))
               << threads << " threads, row kind " << rb << ", column " << j << ": "
               << double(ys(r, j)) << " vs " << double(yb(rb, j));
-        if constexpr (Center)
+        if constexpr (Center) {
           EXPECT_EQ(0, std::memcmp(&cs.mean(r), &cb.mean(rb), sizeof(cs.mean(r)))) << "mean, row " << r;
+        }
         EXPECT_EQ(0, std::memcmp(&cs.rstd(r), &cb.rstd(rb), sizeof(cs.rstd(r)))) << "rstd, row " << r;
       }
     });
