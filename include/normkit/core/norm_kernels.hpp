@@ -358,12 +358,12 @@ void row_forward(const T* x, T* y, Index n, Acc eps, Affine<T> p, bool stream, A
 /// at every row's end (the reduction, the square root and the first dependent FMA of
 /// pass 2). Every row gets the same bits wherever a thread's part starts or ends: the next
 /// row's sums are those of sum_d_d2 or row_sum_sq (same accumulators, same order, the same
-/// compiled tail; they decide only finite rows), and the map of every row comes from one loop (the last row sums itself
-/// again, for nothing): a second copy of the map, for the row that ends a part, was
-/// compiled with the operands of a multiply swapped, and a row whose mean is NaN got
-/// another NaN there (the fuzz replay caught a bfloat16 row [0.34, -inf, -2.3] whose y
-/// was -nan on 7 threads and +nan on 1). Never inlined, so that one compiled copy
-/// serves every device. mean and rstd may be null.
+/// compiled tail; they decide only finite rows), and the map of every row comes from one
+/// loop (the last row sums itself again, for nothing): a second copy of the map, for the
+/// row that ends a part, was compiled with the operands of a multiply swapped, and a row
+/// whose mean is NaN got another NaN there (the fuzz replay caught a bfloat16 row
+/// [0.34, -inf, -2.3] whose y was -nan on 7 threads and +nan on 1). Never inlined, so
+/// that one compiled copy serves every device. mean and rstd may be null.
 ///
 /// For tensors of up to kOverlapBytes, where the latency shows. Measured on one core
 /// (Zen 3, AVX2), rows x 768 floats, row by row / overlapped, alternating: 128 rows
