@@ -652,6 +652,97 @@ TEST(RMSNormTest, OverlappedRowsGiveTheBitsOfRowByRow) {
   }
 }
 
+// Backward of tensors in cache takes rows two at a time where it can (rows_backward:
+// one pass 2 for both, the parameter partials loaded and stored once), and row by row
+// otherwise (streamed dx, no parameters, a row with a large offset, sums that are not
+// finite). dx, dweight and dbias must get the same bits either way, whatever row a row
+// is paired with (each kind below meets each other kind's neighbours at an even and at
+// an odd start). A row with a NaN or an inf makes every column of dweight NaN, so the
+// rows go twice: every kind, and the finite kinds only (for dweight and dbias).
+template <bool Center, class T>
+void paired_rows_backward_case(Index cols, bool finite_only) {
+  using Layer = std::conditional_t<Center, normkit::LayerNorm<T>, normkit::RMSNorm<T>>;
+  using Acc = normkit::detail::acc_t<T>;
+  using Tensor2 = Eigen::Tensor<T, 2, Eigen::RowMajor>;
+  const std::vector<double> rnd = nktest::random_vector(cols, 17), rnd2 = nktest::random_vector(cols, 19);
+  std::vector<std::vector<double>> kinds(9, std::vector<double>(static_cast<std::size_t>(cols)));
+  for (std::size_t j = 0; j < rnd.size(); ++j) {
+    kinds[0][j] = rnd[j];                          // fast
+    kinds[1][j] = 0.5 * rnd2[j] - 0.25;            // fast
+    kinds[2][j] = 1e4 + 0.1 * rnd[j];              // large offset: not a fast row
+    kinds[3][j] = 2 * rnd2[j] + 1;                 // fast
+    kinds[4][j] = 3;                               // constant
+    kinds[5][j] = j == rnd.size() / 2 ? NAN : rnd[j];
+    kinds[6][j] = j == 0 ? -INFINITY : rnd[j];
+    kinds[7][j] = (j % 2 ? 0.9 : -0.8) * double(std::numeric_limits<T>::max());  // sums overflow
+    kinds[8][j] = 1e-42 * rnd[j];                  // denormal in float
+  }
+  if (finite_only) kinds.erase(kinds.begin() + 5, kinds.begin() + 7);
+  const Index nk = Index(kinds.size()), rows = 3 * nk + 1;
+  Tensor2 x(rows, cols), dy(rows, cols), y(rows, cols);
+  const std::vector<double> g = nktest::random_vector(rows * cols, 18);
+  for (Index i = 0; i < rows * cols; ++i) dy.data()[i] = static_cast<T>(g[std::size_t(i)]);
+  for (Index r = 0; r < rows; ++r) {  // the kinds, again at an odd start, then again
+    const Index k = r < nk ? r : r < 2 * nk + 1 ? (r - nk + nk - 1) % nk : r - 2 * nk - 1;
+    for (Index j = 0; j < cols; ++j) x(r, j) = static_cast<T>(kinds[std::size_t(k)][std::size_t(j)]);
+  }
+  Layer ln(cols);
+  for (Index j = 0; j < cols; ++j) ln.weight()(j) = static_cast<T>(0.5 + 0.1 * static_cast<double>(j % 7));
+  typename Layer::Cache cache;
+  ln.forward(x, y, cache);
+  const Acc* mean = nullptr;
+  if constexpr (Center) mean = cache.mean.data();
+  struct Out {
+    Tensor2 dx;
+    std::vector<Acc> dw, db;
+  };
+  auto run = [&](Index at_once) {  // rows_backward on at_once rows per call
+    Out o{Tensor2(rows, cols), std::vector<Acc>(std::size_t(cols)), std::vector<Acc>(std::size_t(cols))};
+    for (Index r = 0; r < rows; r += at_once) {
+      const Index off = r * cols;
+      normkit::detail::rows_backward<Center, true>(x.data() + off, dy.data() + off, o.dx.data() + off,
+                                                   std::min(at_once, rows - r), cols, Center ? mean + r : nullptr,
+                                                   cache.rstd.data() + r, ln.weight().data(), o.dw.data(),
+                                                   o.db.data(), false);
+    }
+    return o;
+  };
+  const Out one = run(1), two = run(rows);
+  for (Index r = 0; r < rows; ++r)
+    for (Index j = 0; j < cols; ++j)
+      ASSERT_EQ(0, std::memcmp(&one.dx(r, j), &two.dx(r, j), sizeof(T)))
+          << cols << " columns, dx, row " << r << ", column " << j << ": " << double(one.dx(r, j)) << " vs " << double(two.dx(r, j));
+  for (std::size_t j = 0; j < std::size_t(cols); ++j) {
+    if (finite_only) {
+      ASSERT_TRUE(std::isfinite(two.dw[j]) && std::isfinite(two.db[j])) << "column " << j;
+    }
+    EXPECT_EQ(0, std::memcmp(&one.dw[j], &two.dw[j], sizeof(Acc))) << "dweight " << j;
+    EXPECT_EQ(0, std::memcmp(&one.db[j], &two.db[j], sizeof(Acc))) << "dbias " << j;
+  }
+}
+
+TEST(LayerNormTest, PairedBackwardRowsGiveTheBitsOfRowByRow) {
+  for (Index cols : {1, 5, 8, 37, 771}) {
+    paired_rows_backward_case<true, float>(cols, false);
+    paired_rows_backward_case<true, float>(cols, true);
+    paired_rows_backward_case<true, double>(cols, false);
+    paired_rows_backward_case<true, double>(cols, true);
+    paired_rows_backward_case<true, Eigen::bfloat16>(cols, false);
+    paired_rows_backward_case<true, Eigen::bfloat16>(cols, true);
+  }
+}
+
+TEST(RMSNormTest, PairedBackwardRowsGiveTheBitsOfRowByRow) {
+  for (Index cols : {1, 5, 8, 37, 771}) {
+    paired_rows_backward_case<false, float>(cols, false);
+    paired_rows_backward_case<false, float>(cols, true);
+    paired_rows_backward_case<false, double>(cols, false);
+    paired_rows_backward_case<false, double>(cols, true);
+    paired_rows_backward_case<false, Eigen::bfloat16>(cols, false);
+    paired_rows_backward_case<false, Eigen::bfloat16>(cols, true);
+  }
+}
+
 TEST(LayerNormTest, HugeFiniteValuesDoNotOverflow) {
   // Squares of 1e30 overflow float; the row falls back to a wider type.
   normkit::LayerNorm<float> ln(10);

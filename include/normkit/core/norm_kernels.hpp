@@ -618,6 +618,87 @@ void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, c
     run(std::false_type{});
 }
 
+/// Pass 2 of two consecutive rows at once (b starts n values after a): dw and db are
+/// loaded and stored once per packet for both rows, with the same sums in the same
+/// order as row_grad_apply on a, then on b (a's term stays in a register for b's). Plain
+/// stores: for rows in cache, where the partials' loads and stores were a third of
+/// the loop's memory operations.
+template <bool HasW, bool HasDW, bool HasDB, class Acc, class T, class Xhat>
+void row_pair_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Acc* dw, Acc* db,
+                         const Xhat xa, const packet_t<Acc> k0a, const packet_t<Acc> nk1a,
+                         const Xhat xb, const packet_t<Acc> k0b, const packet_t<Acc> nk1b) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  const P ra = xa.r, rb = xb.r;
+  for_each_packet<Acc>(dx, n, false, [&](Index j, Index cnt, auto) {
+    prefetch(x, 2 * n + j);
+    prefetch(dy, 2 * n + j);
+    const P xha = xa(load_n<Acc>(x + j, cnt)), xhb = xb(load_n<Acc>(x + n + j, cnt));
+    const P da = load_n<Acc>(dy + j, cnt), dyb = load_n<Acc>(dy + n + j, cnt);
+    if constexpr (HasDW)
+      store_n<Acc>(dw + j, pmadd(dyb, xhb, pmadd(da, xha, load_n<Acc>(dw + j, cnt))), cnt, false);
+    if constexpr (HasDB) store_n<Acc>(db + j, padd(dyb, padd(da, load_n<Acc>(db + j, cnt))), cnt, false);
+    store_n<Acc>(dx + j, pmadd(xha, nk1a, pmadd(times_weight<HasW, Acc>(da, w, j, cnt), ra, k0a)), cnt,
+                 false);
+    store_n<Acc>(dx + n + j, pmadd(xhb, nk1b, pmadd(times_weight<HasW, Acc>(dyb, w, j, cnt), rb, k0b)),
+                 cnt, false);
+  });
+}
+
+/// row_backward of two consecutive rows (b starts n values after a) with one pass 2
+/// (row_pair_grad_apply), for rows whose xhat is the fast one and whose sums are finite;
+/// returns false, having written nothing, for any other pair: the caller then runs
+/// row_backward on a. dw and db as row_backward's, non-null.
+template <bool Center, bool HasW, bool HasDW, bool HasDB, class Acc, class T>
+bool row_pair_backward(const T* x, const T* dy, T* dx, Index n, Acc mean_a, Acc rstd_a, Acc mean_b,
+                       Acc rstd_b, const T* w, Acc* dw, Acc* db) {
+  using P = packet_t<Acc>;
+  if (Center && !(fast_row(mean_a, rstd_a) && fast_row(mean_b, rstd_b))) return false;
+  const RowXhat<true, Acc> xa(mean_a, rstd_a, Acc(0)), xb(mean_b, rstd_b, Acc(0));
+  Acc Ba, Ca, Bb, Cb;
+  row_grad_sums<HasW>(x, dy, w, n, xa, Ba, Ca);
+  row_grad_sums<HasW>(x + n, dy + n, w, n, xb, Bb, Cb);
+  if (!(std::isfinite(Ba) && std::isfinite(Ca) && std::isfinite(Bb) && std::isfinite(Cb))) return false;
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  const Acc mga = Center ? Ba * inv_n : Acc(0), mgxa = Ca * inv_n;
+  const Acc mgb = Center ? Bb * inv_n : Acc(0), mgxb = Cb * inv_n;
+  row_pair_grad_apply<HasW, HasDW, HasDB>(x, dy, dx, n, w, dw, db, xa, simd::pset1<P>(-rstd_a * mga),
+                                          simd::pset1<P>(-rstd_a * mgxa), xb, simd::pset1<P>(-rstd_b * mgb),
+                                          simd::pset1<P>(-rstd_b * mgxb));
+  return true;
+}
+
+/// row_backward over `rows` consecutive rows of n values (mean null: RMSNorm's zeros),
+/// in row order, so dw and db get the same sums in the same order whichever way a row
+/// goes. Where there are parameter partials and dx is not streamed, rows go two at a
+/// time (row_pair_backward). Never inlined: one copy for every device type.
+template <bool Center, bool HasW, class Acc, class T>
+EIGEN_DONT_INLINE void rows_backward(const T* x, const T* dy, T* dx, Index rows, Index n, const Acc* mean,
+                                     const Acc* rstd, const T* w, Acc* dw, Acc* db, bool stream) {
+  auto m = [&](Index i) { return Center ? mean[i] : Acc(0); };
+  auto pairs = [&](auto has_dw, auto has_db) {
+    constexpr bool DW = decltype(has_dw)::value, DB = decltype(has_db)::value;
+    for (Index i = 0; i < rows;) {
+      const Index o = i * n;
+      if (i + 1 < rows && row_pair_backward<Center, HasW, DW, DB>(x + o, dy + o, dx + o, n, m(i), rstd[i],
+                                                                  m(i + 1), rstd[i + 1], w, dw, db)) {
+        i += 2;
+        continue;
+      }
+      row_backward<Center, HasW>(x + o, dy + o, dx + o, n, m(i), rstd[i], w, dw, db, stream);
+      ++i;
+    }
+  };
+  if (stream || !(dw || db)) {
+    for (Index i = 0; i < rows; ++i)
+      row_backward<Center, HasW>(x + i * n, dy + i * n, dx + i * n, n, m(i), rstd[i], w, dw, db, stream);
+  } else if (dw) {
+    db ? pairs(std::true_type{}, std::true_type{}) : pairs(std::true_type{}, std::false_type{});
+  } else {
+    pairs(std::false_type{}, std::true_type{});
+  }
+}
+
 // ---- Features strided by `ld`: a tile of up to kColTile columns at a time ----------
 //
 // A ColMajor tensor keeps feature f of "row" c at f * ld + c. A tile of columns is

@@ -272,12 +272,12 @@ class TrailingNorm {
                        Acc* db = has_bias ? dw + F : nullptr;
                        if (partial) std::fill(dw, dw + F * nparts, Acc(0));
                        if (!HasW) dw = nullptr;
-                       for (Index i = bl.begin(b); i < bl.end(b); ++i) {
-                         if constexpr (row_major) {
-                           const Acc m = Center ? mean[i] : Acc(0);
-                           row_backward<Center, HasW>(xp + i * F, dyp + i * F, dxp + i * F, F, m,
-                                                      rstd[i], wp, dw, db, stream);
-                         } else {
+                       if constexpr (row_major) {
+                         const Index i = bl.begin(b);
+                         rows_backward<Center, HasW>(xp + i * F, dyp + i * F, dxp + i * F, bl.end(b) - i, F,
+                                                     Center ? mean + i : nullptr, rstd + i, wp, dw, db, stream);
+                       } else {
+                         for (Index i = bl.begin(b); i < bl.end(b); ++i) {
                            const Index c0 = i * kColTile, nc = std::min(kColTile, rows - c0);
                            Acc m[kColTile] = {}, s[kColTile];
                            for (Index c = 0; c < nc; ++c) {
