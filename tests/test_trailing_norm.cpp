@@ -721,27 +721,19 @@ void paired_rows_backward_case(Index cols, bool finite_only) {
   }
 }
 
-TEST(LayerNormTest, PairedBackwardRowsGiveTheBitsOfRowByRow) {
-  for (Index cols : {1, 5, 8, 37, 771}) {
-    paired_rows_backward_case<true, float>(cols, false);
-    paired_rows_backward_case<true, float>(cols, true);
-    paired_rows_backward_case<true, double>(cols, false);
-    paired_rows_backward_case<true, double>(cols, true);
-    paired_rows_backward_case<true, Eigen::bfloat16>(cols, false);
-    paired_rows_backward_case<true, Eigen::bfloat16>(cols, true);
-  }
+template <bool Center>
+void paired_rows_backward_cases() {
+  for (Index cols : {1, 5, 8, 37, 771})
+    for (bool finite_only : {false, true}) {
+      paired_rows_backward_case<Center, float>(cols, finite_only);
+      paired_rows_backward_case<Center, double>(cols, finite_only);
+      paired_rows_backward_case<Center, Eigen::bfloat16>(cols, finite_only);
+    }
 }
 
-TEST(RMSNormTest, PairedBackwardRowsGiveTheBitsOfRowByRow) {
-  for (Index cols : {1, 5, 8, 37, 771}) {
-    paired_rows_backward_case<false, float>(cols, false);
-    paired_rows_backward_case<false, float>(cols, true);
-    paired_rows_backward_case<false, double>(cols, false);
-    paired_rows_backward_case<false, double>(cols, true);
-    paired_rows_backward_case<false, Eigen::bfloat16>(cols, false);
-    paired_rows_backward_case<false, Eigen::bfloat16>(cols, true);
-  }
-}
+TEST(LayerNormTest, PairedBackwardRowsGiveTheBitsOfRowByRow) { paired_rows_backward_cases<true>(); }
+
+TEST(RMSNormTest, PairedBackwardRowsGiveTheBitsOfRowByRow) { paired_rows_backward_cases<false>(); }
 
 TEST(LayerNormTest, HugeFiniteValuesDoNotOverflow) {
   // Squares of 1e30 overflow float; the row falls back to a wider type.

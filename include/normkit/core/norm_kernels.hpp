@@ -555,13 +555,35 @@ void row_grad_sums(const T* x, const T* dy, const T* w, Index n, const Xhat xhat
   C = predux(tree_sum<K>(c));
 }
 
+/// Pass 2's constants of a row from pass 1's sums B = sum(g), C = sum(g * xhat):
+/// k0 = -rstd * mean(g) (0 without centering), nk1 = -rstd * mean(g * xhat).
+template <bool Center, class Acc>
+struct GradCoefs {
+  using P = packet_t<Acc>;
+  P k0, nk1;
+  GradCoefs(Acc B, Acc C, Acc rstd, Index n) {
+    const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+    const Acc mg = Center ? B * inv_n : Acc(0), mgx = C * inv_n;
+    k0 = simd::pset1<P>(-rstd * mg);
+    nk1 = simd::pset1<P>(-rstd * mgx);
+  }
+};
+
+/// dx of a packet: fma(g, rstd, k0) + xhat * nk1, g = dy * w; the one step that
+/// row_grad_apply and row_pair_grad_apply share.
+template <bool HasW, bool Center, class Acc, class T>
+EIGEN_STRONG_INLINE packet_t<Acc> grad_dx(const packet_t<Acc>& xh, const packet_t<Acc>& d, const T* w, Index j,
+                                          Index cnt, const packet_t<Acc>& r, const GradCoefs<Center, Acc>& k) {
+  using namespace simd;
+  return pmadd(xh, k.nk1, pmadd(times_weight<HasW, Acc>(d, w, j, cnt), r, k.k0));
+}
+
 /// Pass 2 of row_backward: dx = fma(g, rstd, k0) + xhat * nk1, dw += dy * xhat,
 /// db += dy; prefetches the next row. Which partials exist is a template argument, so
 /// the loop has no branch.
-template <bool HasW, bool HasDW, bool HasDB, class Acc, class T, class Xhat>
+template <bool HasW, bool HasDW, bool HasDB, bool Center, class Acc, class T, class Xhat>
 void row_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Acc* dw, Acc* db,
-                    const Xhat xhat, const packet_t<Acc> k0, const packet_t<Acc> nk1,
-                    bool stream) {
+                    const Xhat xhat, const GradCoefs<Center, Acc> k, bool stream) {
   using namespace simd;
   using P = packet_t<Acc>;
   const P r = xhat.r;
@@ -572,8 +594,7 @@ void row_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Acc* dw
     const P d = load_n<Acc>(dy + j, cnt);
     if constexpr (HasDW) store_n<Acc>(dw + j, pmadd(d, xh, load_n<Acc>(dw + j, cnt)), cnt, false);
     if constexpr (HasDB) store_n<Acc>(db + j, padd(d, load_n<Acc>(db + j, cnt)), cnt, false);
-    store_n<Acc>(dx + j, pmadd(xh, nk1, pmadd(times_weight<HasW, Acc>(d, w, j, cnt), r, k0)),
-                 cnt, st);
+    store_n<Acc>(dx + j, grad_dx<HasW>(xh, d, w, j, cnt, r, k), cnt, st);
   });
 }
 
@@ -587,8 +608,6 @@ void row_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Acc* dw
 template <bool Center, bool HasW, class Acc, class T>
 void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, const T* w,
                   Acc* dw, Acc* db, bool stream) {
-  using P = packet_t<Acc>;
-  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
   const bool fast = !Center || fast_row(mean, rstd);
   const Acc c = fast ? Acc(0) : row_sum<true>(x, n, mean) / static_cast<Acc>(n);  // divide, as row_forward
   auto run = [&](auto fast_c) {
@@ -601,11 +620,10 @@ void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, c
       row_backward_wide<Center>(x, dy, dx, n, 1, mean, rstd, HasW ? w : nullptr, dw, db);
       return;
     }
-    const Acc mg = Center ? B * inv_n : Acc(0), mgx = C * inv_n;
-    const P k0 = simd::pset1<P>(-rstd * mg), nk1 = simd::pset1<P>(-rstd * mgx);
+    const GradCoefs<Center, Acc> k(B, C, rstd, n);
     auto apply = [&](auto has_dw, auto has_db) {
-      row_grad_apply<HasW, decltype(has_dw)::value, decltype(has_db)::value>(
-          x, dy, dx, n, w, dw, db, xhat, k0, nk1, stream);
+      row_grad_apply<HasW, decltype(has_dw)::value, decltype(has_db)::value>(x, dy, dx, n, w, dw, db, xhat,
+                                                                             k, stream);
     };
     if (dw)
       db ? apply(std::true_type{}, std::true_type{}) : apply(std::true_type{}, std::false_type{});
@@ -623,10 +641,10 @@ void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, c
 /// order as row_grad_apply on a, then on b (a's term stays in a register for b's). Plain
 /// stores: for rows in cache, where the partials' loads and stores were a third of
 /// the loop's memory operations.
-template <bool HasW, bool HasDW, bool HasDB, class Acc, class T, class Xhat>
+template <bool HasW, bool HasDW, bool HasDB, bool Center, class Acc, class T, class Xhat>
 void row_pair_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Acc* dw, Acc* db,
-                         const Xhat xa, const packet_t<Acc> k0a, const packet_t<Acc> nk1a,
-                         const Xhat xb, const packet_t<Acc> k0b, const packet_t<Acc> nk1b) {
+                         const Xhat xa, const GradCoefs<Center, Acc> ka, const Xhat xb,
+                         const GradCoefs<Center, Acc> kb) {
   using namespace simd;
   using P = packet_t<Acc>;
   const P ra = xa.r, rb = xb.r;
@@ -638,10 +656,8 @@ void row_pair_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Ac
     if constexpr (HasDW)
       store_n<Acc>(dw + j, pmadd(dyb, xhb, pmadd(da, xha, load_n<Acc>(dw + j, cnt))), cnt, false);
     if constexpr (HasDB) store_n<Acc>(db + j, padd(dyb, padd(da, load_n<Acc>(db + j, cnt))), cnt, false);
-    store_n<Acc>(dx + j, pmadd(xha, nk1a, pmadd(times_weight<HasW, Acc>(da, w, j, cnt), ra, k0a)), cnt,
-                 false);
-    store_n<Acc>(dx + n + j, pmadd(xhb, nk1b, pmadd(times_weight<HasW, Acc>(dyb, w, j, cnt), rb, k0b)),
-                 cnt, false);
+    store_n<Acc>(dx + j, grad_dx<HasW>(xha, da, w, j, cnt, ra, ka), cnt, false);
+    store_n<Acc>(dx + n + j, grad_dx<HasW>(xhb, dyb, w, j, cnt, rb, kb), cnt, false);
   });
 }
 
@@ -652,19 +668,14 @@ void row_pair_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Ac
 template <bool Center, bool HasW, bool HasDW, bool HasDB, class Acc, class T>
 bool row_pair_backward(const T* x, const T* dy, T* dx, Index n, Acc mean_a, Acc rstd_a, Acc mean_b,
                        Acc rstd_b, const T* w, Acc* dw, Acc* db) {
-  using P = packet_t<Acc>;
   if (Center && !(fast_row(mean_a, rstd_a) && fast_row(mean_b, rstd_b))) return false;
   const RowXhat<true, Acc> xa(mean_a, rstd_a, Acc(0)), xb(mean_b, rstd_b, Acc(0));
   Acc Ba, Ca, Bb, Cb;
   row_grad_sums<HasW>(x, dy, w, n, xa, Ba, Ca);
   row_grad_sums<HasW>(x + n, dy + n, w, n, xb, Bb, Cb);
   if (!(std::isfinite(Ba) && std::isfinite(Ca) && std::isfinite(Bb) && std::isfinite(Cb))) return false;
-  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  const Acc mga = Center ? Ba * inv_n : Acc(0), mgxa = Ca * inv_n;
-  const Acc mgb = Center ? Bb * inv_n : Acc(0), mgxb = Cb * inv_n;
-  row_pair_grad_apply<HasW, HasDW, HasDB>(x, dy, dx, n, w, dw, db, xa, simd::pset1<P>(-rstd_a * mga),
-                                          simd::pset1<P>(-rstd_a * mgxa), xb, simd::pset1<P>(-rstd_b * mgb),
-                                          simd::pset1<P>(-rstd_b * mgxb));
+  row_pair_grad_apply<HasW, HasDW, HasDB>(x, dy, dx, n, w, dw, db, xa, GradCoefs<Center, Acc>(Ba, Ca, rstd_a, n),
+                                          xb, GradCoefs<Center, Acc>(Bb, Cb, rstd_b, n));
   return true;
 }
 
