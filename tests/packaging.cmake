@@ -5,6 +5,15 @@
 #   pkg-config-test            `pkg-config --cflags --libs normkit` from that prefix: compile, run
 #   example-cmake-project      examples/cmake-project against that prefix
 #   add-subdirectory-test      add_subdirectory(normkit): build, run; no tests/bench/install
+#   header_warnings            (a build target, not a test) the headers under -Werror
+# normkit's headers warning-free in a user's -Wall -Wextra -Wpedantic -Werror build
+# (compiled, never run; a warning fails the build): tests/header_warnings.cpp.
+add_library(header_warnings OBJECT header_warnings.cpp)
+target_link_libraries(header_warnings PRIVATE normkit::normkit)
+target_compile_options(header_warnings PRIVATE
+  $<$<CXX_COMPILER_ID:GNU,Clang>:-Wall -Wextra -Wpedantic -Werror>
+  $<$<AND:$<BOOL:${NORMKIT_NATIVE}>,$<CXX_COMPILER_ID:GNU,Clang>>:-march=native>)
+
 set(_nk_consumer_args
   -DGENERATOR=${CMAKE_GENERATOR}
   -DCXX_COMPILER=${CMAKE_CXX_COMPILER}

@@ -30,8 +30,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/config.hpp"
 #include "core/channel_kernels.hpp"
 #include "core/trailing_norm.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 
@@ -742,3 +745,5 @@ class BatchNorm {
 };
 
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END

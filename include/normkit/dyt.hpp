@@ -19,7 +19,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/config.hpp"
 #include "core/elementwise_kernels.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 
@@ -396,3 +399,5 @@ class DyT {
 };
 
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END

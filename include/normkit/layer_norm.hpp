@@ -13,7 +13,10 @@
 #include <optional>
 #include <vector>
 
+#include "core/config.hpp"
 #include "core/trailing_norm.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 
@@ -62,3 +65,5 @@ class LayerNorm : public detail::TrailingNorm<T, true> {
 };
 
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END

@@ -14,7 +14,10 @@
 #include <algorithm>
 #include <climits>
 
+#include "core/config.hpp"
 #include "batch_norm.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 namespace mpi {
@@ -47,3 +50,5 @@ class AllreduceReducer : public StatsReducer {
 
 }  // namespace mpi
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END

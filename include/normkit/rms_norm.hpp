@@ -14,7 +14,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/config.hpp"
 #include "core/trailing_norm.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 
@@ -69,3 +72,5 @@ class RMSNorm : public detail::TrailingNorm<T, false> {
 };
 
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END

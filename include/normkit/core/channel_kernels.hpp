@@ -25,8 +25,11 @@
 #include <cmath>
 #include <vector>
 
+#include "config.hpp"
 #include "norm_kernels.hpp"
 #include "parallel.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -793,3 +796,5 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
 
 }  // namespace detail
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END

@@ -31,9 +31,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "config.hpp"
 #include "parallel.hpp"
 #include "simd.hpp"
 #include "tanh.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -483,3 +486,5 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
 
 }  // namespace detail
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END

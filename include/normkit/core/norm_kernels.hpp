@@ -24,7 +24,10 @@
 #include <algorithm>
 #include <cmath>
 
+#include "config.hpp"
 #include "simd.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -895,3 +898,5 @@ void cols_backward(const T* x, const T* dy, T* dx, Index F, Index ld, Index nc, 
 
 }  // namespace detail
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END

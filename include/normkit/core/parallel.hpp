@@ -23,7 +23,10 @@
 #include <immintrin.h>
 #endif
 
+#include "config.hpp"
 #include "tensor.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -359,3 +362,5 @@ struct Workspace {
 
 }  // namespace detail
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END

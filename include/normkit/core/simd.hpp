@@ -14,7 +14,10 @@
 #include <immintrin.h>
 #endif
 
+#include "config.hpp"
 #include "tensor.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -213,3 +216,5 @@ EIGEN_ALWAYS_INLINE void for_each_packet(T* out, Index n, bool stream, F&& f) {
 
 }  // namespace detail
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END

@@ -24,6 +24,10 @@
 
 #include <unsupported/Eigen/CXX11/Tensor>
 
+#include "config.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
+
 // Templates over __m256 & co. make GCC warn that the vector alignment attribute is
 // ignored in the template argument; Eigen silences the same warning in its own headers.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -318,3 +322,5 @@ inline double tanh_grad_from_tanh(double t) {
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
+
+NORMKIT_DIAGNOSTICS_END

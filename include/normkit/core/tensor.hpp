@@ -15,7 +15,10 @@
 #define EIGEN_USE_THREADS
 #include <unsupported/Eigen/CXX11/Tensor>
 
+#include "config.hpp"
 #include "error.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -152,3 +155,5 @@ constexpr void check_same_type() {
 
 }  // namespace detail
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END

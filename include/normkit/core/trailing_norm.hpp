@@ -10,8 +10,11 @@
 #include <utility>
 #include <vector>
 
+#include "config.hpp"
 #include "norm_kernels.hpp"
 #include "parallel.hpp"
+
+NORMKIT_DIAGNOSTICS_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -376,3 +379,5 @@ class TrailingNorm {
 
 }  // namespace detail
 }  // namespace normkit
+
+NORMKIT_DIAGNOSTICS_END
