@@ -454,7 +454,11 @@ TEST(DyTTest, WeightTimesAlphaOutOfRange) {
 TYPED_TEST(DyTTest, CachedAndRecomputedTanhGiveTheSameBits) {
   using T = typename TypeParam::Scalar;
   constexpr int L = TypeParam::layout;
-  for (const Geometry& g : {Geometry{{37, 21}, -1}, Geometry{{3, 4, 80}, 1}}) {
+  // Rows of widths that end in a strip of two packets, one packet and a partial one
+  // (53), only a partial one (7, 1), several row blocks (37 and 40 rows), short inner
+  // runs expanded to rows (17x3x7 on axis 1), and long runs (3x4x80).
+  for (const Geometry& g : {Geometry{{37, 21}, -1}, Geometry{{37, 53}, -1}, Geometry{{40, 7}, -1},
+                            Geometry{{33, 1}, -1}, Geometry{{17, 3, 7}, 1}, Geometry{{3, 4, 80}, 1}}) {
     const Index n = nktest::numel(g.dims);
     const auto layer = make_layer<T>(g, random_params<T>(g.channels(), 26));
     nktest::with_rank(g.dims.size(), [&](auto rank) {

@@ -158,7 +158,8 @@ class DyT {
 
   /// Inputs up to this size keep tanh in the cache. Measured on a 2-core EPYC (AVX2):
   /// at 128x768 (384 KiB) caching makes backward ~2x faster; at 4096x768 (12 MiB) and
-  /// up the forward's extra write costs more than backward saves.
+  /// up the forward's extra write costs more than backward saves. On a 2-vCPU Xeon
+  /// (AVX-512), 128x768 backward: 19-20 us cached, 24-27 recomputed.
   static constexpr std::size_t kCacheTanhBytes = std::size_t(4) << 20;
 
   explicit DyT(Index channels, const Options& options = Options())
