@@ -523,6 +523,29 @@ TEST(LayerNormTest, ConstantRowsGiveFiniteOutput) {
   }
 }
 
+// Large outputs are meant to bypass the cache: on x86 every packet width the build can
+// have (SSE2, AVX, AVX-512) has a non-temporal store for float and double. An AVX-512
+// build once fell back to ordinary stores without a sign but its speed.
+template <class T>
+void stream_store_case() {
+  namespace nd = normkit::detail;
+  constexpr Index W = nd::packet_size<T>;
+#if defined(__SSE2__)
+  EXPECT_TRUE(nd::simd::can_stream_v<T>) << "packet of " << sizeof(nd::packet_t<T>) << " bytes";
+#endif
+  alignas(64) T in[W], out[W];
+  for (Index i = 0; i < W; ++i) in[i] = static_cast<T>(i) * T(0.5) - T(3);
+  nd::simd::store_stream<T>(out, Eigen::internal::pload<nd::packet_t<T>>(in));
+  nd::simd::stream_fence();
+  for (Index i = 0; i < W; ++i) EXPECT_EQ(out[i], in[i]) << "lane " << i;
+}
+
+TEST(SimdTest, StreamingStoresExistForTheCompiledPacketWidth) {
+  stream_store_case<float>();
+  stream_store_case<double>();
+  EXPECT_FALSE(normkit::detail::simd::can_stream_v<Eigen::bfloat16>);
+}
+
 // Outputs of kStreamBytes (8 MiB) and more are written with streaming stores (rows
 // misaligned here: 1029 columns). Every row must still get exactly the bits that it gets
 // in a tensor of three rows, which is written with plain stores.
