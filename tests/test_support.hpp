@@ -15,6 +15,8 @@
 #define EIGEN_USE_THREADS
 #include <unsupported/Eigen/CXX11/Tensor>
 
+#include <normkit/core/simd.hpp>
+
 namespace nktest {
 
 using Index = Eigen::Index;
@@ -149,5 +151,16 @@ void on_threads(int threads, F&& f) {
     f(d);
   }
 }
+
+/// While alive, the last-level cache size that the streaming choice sees
+/// (normkit::detail::simd::stream_output) is `bytes`: 0 makes every output of
+/// kStreamBytes or more streamed, whatever the machine.
+struct LlcBytes {
+  std::size_t saved = normkit::detail::simd::llc_bytes();
+  explicit LlcBytes(std::size_t bytes) { normkit::detail::simd::llc_bytes() = bytes; }
+  ~LlcBytes() { normkit::detail::simd::llc_bytes() = saved; }
+  LlcBytes(const LlcBytes&) = delete;
+  LlcBytes& operator=(const LlcBytes&) = delete;
+};
 
 }  // namespace nktest

@@ -546,12 +546,32 @@ TEST(SimdTest, StreamingStoresExistForTheCompiledPacketWidth) {
   EXPECT_FALSE(normkit::detail::simd::can_stream_v<Eigen::bfloat16>);
 }
 
+// Streamed: outputs of kStreamBytes and more whose tensors together fill at least 1/16 of
+// the last-level cache (where the system reports one).
+TEST(SimdTest, StreamingNeedsLargeOutputsAndTensorsLargeForTheCache) {
+  namespace ns = normkit::detail::simd;
+  const Index at = Index(ns::kStreamBytes / sizeof(float));  // an output of kStreamBytes
+  {
+    const nktest::LlcBytes unknown(0);
+    EXPECT_FALSE(ns::stream_output<float>(at - 1, 3));
+    EXPECT_EQ(ns::stream_output<float>(at, 2), ns::can_stream_v<float>);
+    EXPECT_FALSE(ns::stream_output<Eigen::bfloat16>(4 * at, 3));
+  }
+  {
+    const nktest::LlcBytes llc(std::size_t(48) * ns::kStreamBytes);  // 1/16: 3 outputs
+    EXPECT_FALSE(ns::stream_output<float>(at, 2));
+    EXPECT_EQ(ns::stream_output<float>(at, 3), ns::can_stream_v<float>);
+    EXPECT_EQ(ns::stream_output<double>(at / 2 * 3, 2), ns::can_stream_v<double>);
+  }
+}
+
 // Outputs of kStreamBytes (8 MiB) and more are written with streaming stores (rows
 // misaligned here: 1029 columns). Every row must still get exactly the bits that it gets
 // in a tensor of three rows, which is written with plain stores.
 template <class Layer>
 void streamed_rows_case(Layer layer) {
   using Tensor2 = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+  const nktest::LlcBytes any_cache(0);  // streamed on every machine
   const Index cols = layer.weight().size();
   const Index rows = Index(normkit::detail::simd::kStreamBytes / sizeof(float) / cols) + 2;
   ASSERT_GE(static_cast<std::size_t>(rows * cols) * sizeof(float), normkit::detail::simd::kStreamBytes);

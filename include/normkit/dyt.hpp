@@ -252,11 +252,6 @@ class DyT {
                    detail::shape_str(want), " (the shape of x)");
   }
 
-  template <class X>
-  static bool stream_output(const X& x) {
-    return detail::simd::can_stream_v<T> &&
-           static_cast<std::size_t>(x.size()) * sizeof(T) >= detail::simd::kStreamBytes;
-  }
 
   template <class Dev, class X, class Y>
   void forward_impl(const Dev& dev, const X& x, Y& y, Cache* cache) const {
@@ -281,7 +276,8 @@ class DyT {
     detail::channel_map_forward<Dev, Acc>(dev, v, x.data(), y.data(), u_out,
                                           detail::TanhMap<Acc>(alpha),
                                           elementwise_affine() ? weight_.data() : nullptr,
-                                          has_bias() ? bias_.data() : nullptr, stream_output(x));
+                                          has_bias() ? bias_.data() : nullptr,
+                                          detail::simd::stream_output<T>(x.size(), 2));
   }
 
   template <class Dev, class X, class DY, class DX>
@@ -344,7 +340,7 @@ class DyT {
     }
     const detail::ChannelGrads<Acc> g = detail::channel_map_backward<Dev, Acc>(
         dev, v, x.data(), dy.data(), dx.data(), cache.tanh.size() ? cache.tanh.data() : nullptr,
-        detail::TanhMap<Acc>(alpha), k.data(), grads.work, stream_output(x));
+        detail::TanhMap<Acc>(alpha), k.data(), grads.work, detail::simd::stream_output<T>(x.size(), 3));
     std::size_t j = 0;
     for (Index c : apart)
       for (Index o = 0; o < v.outer; ++o)

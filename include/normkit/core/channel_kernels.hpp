@@ -727,8 +727,8 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
                  ChannelRange cr) {
   using namespace simd;
   if (v.size() == 0) return;
-  const bool stream = can_stream_v<T> && static_cast<std::size_t>(v.size()) * sizeof(T) >= kStreamBytes;
   const bool has_dy = dy != nullptr;
+  const bool stream = stream_output<T>(v.size(), has_dy ? 3 : 2);
   const double bytes = (has_dy ? 3.0 : 2.0) * sizeof(T);
   if (v.row_path()) {
     const Index nch = cr.size(), rows = v.outer * nch;

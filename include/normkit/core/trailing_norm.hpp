@@ -156,8 +156,7 @@ class TrailingNorm {
     const Index F = features_;
     const T* xp = x.data();
     T* yp = y.data();
-    const bool stream = simd::can_stream_v<T> &&
-                        static_cast<std::size_t>(x.size()) * sizeof(T) >= simd::kStreamBytes;
+    const bool stream = simd::stream_output<T>(x.size(), 2);
     const bool overlap =
         !stream && static_cast<std::size_t>(x.size()) * sizeof(T) <= kOverlapBytes;
     const std::vector<Index> fperm = param_permutation(dims, row_major);
@@ -262,8 +261,7 @@ class TrailingNorm {
     const Acc* rstd = cache.rstd.data();
     const std::vector<Index> perm = row_major ? std::vector<Index>() : row_permutation(dims);
     const bool has_bias = has_bias_;
-    const bool stream = simd::can_stream_v<T> &&
-                        static_cast<std::size_t>(x.size()) * sizeof(T) >= simd::kStreamBytes;
+    const bool stream = simd::stream_output<T>(x.size(), 3);
 
     dispatch2(wp != nullptr, false, [&](auto hw, auto) {
       constexpr bool HasW = decltype(hw)::value;
