@@ -46,7 +46,7 @@ inline constexpr Index kRunMin = 64;          // shorter inner runs use the row 
 inline constexpr Index kRunSeg = 8192;        // run segment: one work item
 inline constexpr Index kExpandMax = 1 << 16;  // longest expanded row (C * inner)
 // Prefetch distances in bytes of the streaming loops (see forward_stretch, backward_stretch).
-inline constexpr Index kForwardAhead = 4096;
+inline constexpr Index kForwardAhead = 16384;  // a row of 4096 floats: as far as LayerNorm's pass 2 asks
 inline constexpr Index kBackwardAhead = 1024;  // 4 KiB measured slower on Zen 3 and the Xeon
 inline constexpr Index kRowTile = 16384;      // row shape: columns per work item (whole rows: page-long runs for the prefetcher)
 
@@ -99,8 +99,9 @@ EIGEN_STRONG_INLINE packet_t<Acc> apply_affine(const packet_t<Acc>& u, const pac
 /// non-temporal stores, and every line of x is asked for kForwardAhead bytes ahead: with
 /// the tanh between the loads, the hardware prefetchers alone kept too few in flight
 /// (DyT forward 8192x4096 on one core of a Xeon with AVX-512, best of 10: 18.4-19.0 ms
-/// without, 10.8-14.3 with 4 KiB; 1 KiB 16.0-16.8). The tail goes through the same
-/// arithmetic as partial packets.
+/// without, 10.8-14.3 with 4 KiB, 1 KiB 16.0-16.8; 16 KiB against 4 KiB, alternating:
+/// faster in 4 of 4 pairs at 1 thread, by 2-9%, and 2 of 4 at 2). The tail goes through
+/// the same arithmetic as partial packets.
 template <class Acc, bool WithU, bool Stream, class T, class Map>
 EIGEN_STRONG_INLINE void forward_stretch(const T* x, T* y, Acc* u, const Acc* s, const Acc* b,
                                          Index n, const Map& f) {
