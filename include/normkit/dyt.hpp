@@ -252,7 +252,6 @@ class DyT {
                    detail::shape_str(want), " (the shape of x)");
   }
 
-
   template <class Dev, class X, class Y>
   void forward_impl(const Dev& dev, const X& x, Y& y, Cache* cache) const {
     static_assert(detail::traits_of<Y>::writable, "normkit: the output y must be writable");

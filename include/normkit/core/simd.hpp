@@ -236,7 +236,6 @@ inline bool stream_output(Index elements, int tensors) {
 #endif
 }
 
-
 /// Elements to skip before `p` is aligned for a streaming store.
 template <class Acc, class T>
 inline Index misalignment(const T* p) {
