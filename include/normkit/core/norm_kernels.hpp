@@ -199,14 +199,12 @@ void sum_d_d2(const T* x, Index n, Acc m, Acc& sd, Acc& sd2) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>, K = kRowAcc / 2;
-  constexpr Index kLine = std::max<Index>(1, 64 / Index(sizeof(T)));
   const P pm = pset1<P>(m);
   P a[K], q[K];
   for (Index k = 0; k < K; ++k) a[k] = q[k] = zero<Acc>();
   Index i = 0;
   for (; i + K * W <= n; i += K * W) {
-    if constexpr (Prefetch)
-      for (Index l = 0; l < K * W; l += kLine) prefetch(x, n + i + l);
+    if constexpr (Prefetch) prefetch_span<K * W>(x, n + i);
     for (Index k = 0; k < K; ++k) {
       const P v = psub(load<Acc>(x + i + k * W), pm);
       a[k] = padd(a[k], v);
@@ -402,7 +400,6 @@ EIGEN_DONT_INLINE void rows_forward_overlapped(const T* x, T* y, Index rows, Ind
   using P = packet_t<Acc>;
   // The accumulators of sum_d_d2 (two arrays) or of row_sum_sq (row_reduce: one).
   constexpr Index W = packet_size<Acc>, K = Center ? kRowAcc / 2 : kRowAcc;
-  constexpr Index kLine = std::max<Index>(1, 64 / Index(sizeof(T)));
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
   RowSums<Acc> sums = row_sums<Center, Acc>(x, n);
   for (Index r = 0; r < rows; ++r) {
@@ -443,7 +440,7 @@ EIGEN_DONT_INLINE void rows_forward_overlapped(const T* x, T* y, Index rows, Ind
         };
         Index i = 0;
         for (; i + K * W <= n; i += K * W) {
-          for (Index l = 0; l < K * W; l += kLine) prefetch(xn, n + i + l);
+          prefetch_span<K * W>(xn, n + i);
           for (Index k = 0; k < K; ++k) store<Acc>(yr + i + k * W, map(xr, i + k * W, W));
           for (Index k = 0; k < K; ++k) add(k, xn + i + k * W);
         }
