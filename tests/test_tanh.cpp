@@ -262,6 +262,43 @@ TYPED_TEST(TanhTest, PairsMatchSinglePacketsBitwise) {
   }
 }
 
+// The halves switch where |x| reaches small_limit: the code decides on x^2 as rounded
+// (c^2 <= fl(x^2)), which must pick exactly the lanes c <= |x| (tanh.hpp). Checked on
+// the 2000 values of each sign nearest c, one at a time and as pairs with the mask
+// test that AVX-512 does in mask registers.
+TYPED_TEST(TanhTest, HalvesSwitchExactlyAtTheLimit) {
+  using T = TypeParam;
+  using normkit::detail::ptanh_any_large;
+  using normkit::detail::ptanh_use_large;
+  const T c = normkit::detail::TanhConstants<T>::small_limit;
+  const int L = kLanes<T>;
+  std::vector<T> near;
+  T lo = c, hi = c;
+  for (int k = 0; k < 1000; ++k) {
+    lo = std::nextafter(lo, T(0));
+    near.insert(near.end(), {lo, hi, -lo, -hi});
+    hi = std::nextafter(hi, T(1));
+  }
+  int large = 0;
+  for (const T v : near) {
+    const Packet<T> x = Eigen::internal::pset1<Packet<T>>(v);
+    const Packet<T> s = Eigen::internal::pmul(x, x);
+    const bool want = c <= std::fabs(v);
+    large += want;
+    EXPECT_EQ(Eigen::internal::predux_any(ptanh_use_large(s)), want) << "x = " << v;
+    // The pair test: v in one lane of the second packet, small values elsewhere.
+    std::vector<T> pair(2 * std::size_t(L), T(0.25));
+    pair[std::size_t(L + L / 2)] = v;
+    const Packet<T> s0 = Eigen::internal::pmul(ploadu<Packet<T>>(pair.data()),
+                                               ploadu<Packet<T>>(pair.data()));
+    const Packet<T> s1 = Eigen::internal::pmul(ploadu<Packet<T>>(pair.data() + L),
+                                               ploadu<Packet<T>>(pair.data() + L));
+    EXPECT_EQ(ptanh_any_large(s0, s1), want) << "x = " << v;
+    EXPECT_EQ(ptanh_any_large(s1, s0), want) << "x = " << v;
+  }
+  EXPECT_EQ(large, 2000);  // c itself and the 999 above it, of each sign
+}
+
 TYPED_TEST(TanhTest, SampledErrorWithinTwoUlp) {
   using T = TypeParam;
   const auto x = mixed_inputs<T>(1000000, 5);
