@@ -351,10 +351,8 @@ class DyT {
                                                  affine ? grads.weight.data() : nullptr,
                                                  with_bias ? grads.bias.data() : nullptr);
     };
-    auto finite = [](const std::vector<Acc>& a) {
-      int odd = 0;  // |v| <= max: false for inf and NaN; no branch, so it runs in vectors
-      for (const Acc v : a) odd |= !(std::fabs(v) <= std::numeric_limits<Acc>::max());
-      return odd == 0;
+    const auto finite = [](const std::vector<Acc>& a) {
+      return detail::all_finite(a.data(), static_cast<Index>(a.size()));
     };
     if (x.size() == 0 || (finite(g.dpc) && finite(g.dscale) && finite(g.dshift))) {
       finish(g.dpc, g.dscale, g.dshift);

@@ -124,13 +124,6 @@ bool fast_row(Acc mean, Acc rstd) {
   return std::fabs(mean) * rstd <= kFastOffset<Acc>;
 }
 
-template <class T>
-bool all_finite(const T* x, Index n, Index stride = 1) {
-  for (Index i = 0; i < n; ++i)
-    if (!std::isfinite(static_cast<double>(x[i * stride]))) return false;
-  return true;
-}
-
 /// The whole row in a wider type: only for rows whose Acc sums overflowed.
 template <bool Center, class Acc, class T>
 void row_forward_wide(const T* x, T* y, Index n, Index stride, Acc eps, Affine<T> p,

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #if defined(__has_include)
@@ -41,6 +42,19 @@ using packet_t = typename Eigen::internal::packet_traits<Acc>::type;
 
 template <class Acc>
 inline constexpr Index packet_size = Eigen::internal::unpacket_traits<packet_t<Acc>>::size;
+
+/// Whether x[0], x[stride], ... (n values) are all finite. No branch per value: |v| <=
+/// max is false for inf and NaN, and the or of those runs in vectors, which matters
+/// where it is the common case's check (DyT's per-channel sums, every backward); half and
+/// bfloat16 are compared in Acc, where they are exact.
+template <class T>
+bool all_finite(const T* x, Index n, Index stride = 1) {
+  using F = acc_t<T>;
+  bool bad = false;
+  for (Index i = 0; i < n; ++i)
+    bad |= !(std::fabs(static_cast<F>(x[i * stride])) <= std::numeric_limits<F>::max());
+  return !bad;
+}
 
 namespace simd {
 
