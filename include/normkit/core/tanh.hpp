@@ -217,6 +217,18 @@ EIGEN_STRONG_INLINE Packet ptanh_use_large(const Packet& s) {
   return pcmp_le(pset1<Packet>(C::small_limit * C::small_limit), s);
 }
 
+#if defined(EIGEN_VECTORIZE_AVX512)
+// a <= b lane by lane into a mask register (false for NaN), for ptanh_any_large.
+EIGEN_STRONG_INLINE __mmask16 pcmp_le_mask(const Eigen::internal::Packet16f& a,
+                                           const Eigen::internal::Packet16f& b) {
+  return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ);
+}
+EIGEN_STRONG_INLINE __mmask16 pcmp_le_mask(const Eigen::internal::Packet8d& a,
+                                           const Eigen::internal::Packet8d& b) {
+  return _mm512_cmp_pd_mask(a, b, _CMP_LE_OQ);
+}
+#endif
+
 // Whether any lane of s0 or s1 needs the large half: predux_any(por(use_large(s0),
 // use_large(s1))), which AVX-512 does in three mask ops (two compares into mask
 // registers and one test) instead of seven (Eigen's compare widens each mask to a
@@ -224,24 +236,15 @@ EIGEN_STRONG_INLINE Packet ptanh_use_large(const Packet& s) {
 template <class Packet>
 EIGEN_STRONG_INLINE bool ptanh_any_large(const Packet& s0, const Packet& s1) {
   using namespace Eigen::internal;
+  using C = TanhConstants<typename unpacket_traits<Packet>::type>;
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<Packet, Packet16f> || std::is_same_v<Packet, Packet8d>) {
+    const Packet c2 = pset1<Packet>(C::small_limit * C::small_limit);
+    return !_mm512_kortestz(pcmp_le_mask(c2, s0), pcmp_le_mask(c2, s1));
+  }
+#endif
   return predux_any(por(ptanh_use_large(s0), ptanh_use_large(s1)));
 }
-#if defined(EIGEN_VECTORIZE_AVX512)
-EIGEN_STRONG_INLINE bool ptanh_any_large(const Eigen::internal::Packet16f& s0,
-                                         const Eigen::internal::Packet16f& s1) {
-  constexpr float c = TanhConstants<float>::small_limit;
-  const __m512 c2 = _mm512_set1_ps(c * c);
-  return !_mm512_kortestz(_mm512_cmp_ps_mask(c2, s0, _CMP_LE_OQ),
-                          _mm512_cmp_ps_mask(c2, s1, _CMP_LE_OQ));
-}
-EIGEN_STRONG_INLINE bool ptanh_any_large(const Eigen::internal::Packet8d& s0,
-                                         const Eigen::internal::Packet8d& s1) {
-  constexpr double c = TanhConstants<double>::small_limit;
-  const __m512d c2 = _mm512_set1_pd(c * c);
-  return !_mm512_kortestz(_mm512_cmp_pd_mask(c2, s0, _CMP_LE_OQ),
-                          _mm512_cmp_pd_mask(c2, s1, _CMP_LE_OQ));
-}
-#endif
 
 // The large half with x's sign: a = |x|, and the sign bit put back with an or.
 template <class Packet>
