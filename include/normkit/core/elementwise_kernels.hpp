@@ -96,7 +96,7 @@ EIGEN_STRONG_INLINE packet_t<Acc> apply_affine(const packet_t<Acc>& u, const pac
 /// dependent FMAs, and two independent chains keep both FMA pipes busy; one branch per
 /// pair decides whether the tanh needs its exp half. The loop runs two pairs per
 /// iteration (DyT forward 8192x4096 streamed, one Xeon core with AVX-512, best of 10 in
-/// three alternating runs: 2.2-4.5% less time than one pair). Stream: y is aligned and
+/// three alternating runs: 2.3-4.5% less time than one pair). Stream: y is aligned and
 /// written with non-temporal stores, and every line of x is asked for kForwardAhead
 /// bytes ahead: with the tanh between the loads, the hardware prefetchers alone kept too
 /// few in flight (same shape and core: 18.4-19.0 ms without, 10.8-14.3 with 4 KiB, 1 KiB
