@@ -1,6 +1,6 @@
 // BM_OneDNN_*: the same layers through oneDNN (Debian libdnnl-dev, 2.6), fp32, with the
 // same Args as normkit's rows, so that compare.py pairs them by name. Compiled in only
-// when CMake finds oneDNN (NORMKIT_BENCH_HAVE_ONEDNN).
+// when CMake finds oneDNN (cmake/NormkitPeers.cmake).
 //
 // What a oneDNN user writes: one primitive per layer and direction, created once (its
 // creation is not timed), executed on user buffers. oneDNN has no RMSNorm in 2.6; DyT
@@ -10,10 +10,6 @@
 // Debian's libdnnl runs on OpenMP: the thread count is set with omp_set_num_threads
 // before the primitive is created (oneDNN sizes its work split at creation).
 #include <normkit/normkit.hpp>
-#if __has_include(<normkit/dyt.hpp>)
-#include <normkit/dyt.hpp>
-#define NORMKIT_BENCH_DYT 1
-#endif
 
 #include <omp.h>
 
@@ -140,20 +136,11 @@ void BM_OneDNN_DyT_Forward(benchmark::State& state) {
   w.setRandom();
   b.setRandom();
   const float alpha = 0.7f;
-#ifdef NORMKIT_BENCH_DYT
   normkit::DyT<float> dyt(features);
   dyt.alpha() = alpha;
   dyt.weight() = w;
   dyt.bias() = b;
   dyt.forward(x, ref);
-  const char* what = "oneDNN DyT forward y";
-#else
-  // No normkit DyT in this tree yet: check against the formula in double instead.
-  for (Index r = 0; r < rows; ++r)
-    for (Index f = 0; f < features; ++f)
-      ref(r, f) = static_cast<float>(w(f) * std::tanh(static_cast<double>(alpha) * x(r, f)) + b(f));
-  const char* what = "oneDNN DyT forward y (against the formula: no normkit DyT)";
-#endif
   // A binary_mul by the broadcast alpha carries the post-ops: eltwise_linear with post-ops
   // runs on oneDNN's reference (scalar) path in 2.6, the binary one on its jit path.
   const memory::desc md({rows, features}, f32, Tag::ab), amd({1, 1}, f32, Tag::ab), wmd({1, features}, f32, Tag::ab);
@@ -171,7 +158,7 @@ void BM_OneDNN_DyT_Forward(benchmark::State& state) {
                      {DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) | DNNL_ARG_SRC_1, net().mem(wmd, w.data())},
                      {DNNL_ARG_ATTR_MULTIPLE_POST_OP(2) | DNNL_ARG_SRC_1, net().mem(wmd, b.data())}};
   net().run(prim, args);
-  if (!nkbench::check_peer(state, what, y.data(), ref.data(), y.size())) return;
+  if (!nkbench::check_peer(state, "oneDNN DyT forward y", y.data(), ref.data(), y.size())) return;
   time_primitive(state, prim, args, y.data(), 8, x.size(), threads);
 }
 

@@ -1,6 +1,6 @@
 // BM_Torch_*: the same layers through libtorch (Debian libtorch-dev, 1.13, CPU), fp32,
 // with the same Args as normkit's rows, so that compare.py pairs them by name. Compiled
-// in only when CMake finds Torch (NORMKIT_BENCH_HAVE_TORCH).
+// in only when CMake finds Torch (cmake/NormkitPeers.cmake).
 //
 // What a PyTorch 1.13 C++ user gets: LayerNorm and BatchNorm are the native kernels
 // (at::native_layer_norm[_backward], at::native_batch_norm[_backward]); RMSNorm and DyT
@@ -9,10 +9,6 @@
 // once and kept with retain_graph). Torch allocates its outputs on every call, as it
 // does in a model; inputs are zero-copy views of normkit's buffers.
 #include <normkit/normkit.hpp>
-#if __has_include(<normkit/dyt.hpp>)
-#include <normkit/dyt.hpp>
-#define NORMKIT_BENCH_DYT 1
-#endif
 
 #include <torch/torch.h>
 
@@ -156,10 +152,8 @@ struct DyTSetup {
     w.setRandom();
     b.setRandom();
   }
-  /// ref = y (forward) or dx (backward) and dw_ref, from normkit's DyT when this tree
-  /// has one, else from the formula in double.
-  std::string reference(bool backward) {
-#ifdef NORMKIT_BENCH_DYT
+  /// ref = normkit's y (forward) or dx and dw_ref (backward), to check torch against.
+  void reference(bool backward) {
     normkit::DyT<float> layer(features);
     layer.alpha() = alpha;
     layer.weight() = w;
@@ -169,32 +163,21 @@ struct DyTSetup {
     layer.forward(x, y, cache);
     if (!backward) {
       ref = y;
-      return "normkit";
+      return;
     }
     layer.backward(x, dy, cache, ref, grads);
     dw_ref = grads.weight;
-    return "normkit";
-#else
-    dw_ref.setZero();
-    for (Index r = 0; r < rows; ++r)
-      for (Index f = 0; f < features; ++f) {
-        const double t = std::tanh(static_cast<double>(alpha) * x(r, f));
-        ref(r, f) = static_cast<float>(backward ? dy(r, f) * w(f) * alpha * (1 - t * t) : w(f) * t + b(f));
-        dw_ref(f) += static_cast<float>(dy(r, f) * t);
-      }
-    return "the formula (no normkit DyT in this tree)";
-#endif
   }
 };
 
 void BM_Torch_DyT_Forward(benchmark::State& state) {
   DyTSetup s(state);
-  const std::string against = s.reference(false);
+  s.reference(false);
   at::NoGradGuard no_grad;
   const at::Tensor X = view(s.x.data(), {s.rows, s.features}), A = at::full({1}, s.alpha),
                    W = view(s.w.data(), {s.features}), B = view(s.b.data(), {s.features});
   auto call = [&] { return dyt(X, A, W, B); };
-  if (!nkbench::check_peer(state, "torch eager DyT y against " + against, dense(call()).data_ptr<float>(),
+  if (!nkbench::check_peer(state, "torch eager DyT y", dense(call()).data_ptr<float>(),
                            s.ref.data(), s.x.size()))
     return;
   time_call(state, call, 8, s.x.size(), s.threads);
@@ -202,7 +185,7 @@ void BM_Torch_DyT_Forward(benchmark::State& state) {
 
 void BM_Torch_DyT_Backward(benchmark::State& state) {
   DyTSetup s(state);
-  const std::string against = s.reference(true);
+  s.reference(true);
   const at::Tensor X = view(s.x.data(), {s.rows, s.features}).detach().requires_grad_(true),
                    A = at::full({1}, s.alpha).requires_grad_(true),
                    W = view(s.w.data(), {s.features}).detach().requires_grad_(true),
@@ -211,9 +194,9 @@ void BM_Torch_DyT_Backward(benchmark::State& state) {
   const at::Tensor Y = dyt(X, A, W, B);
   auto call = [&] { return torch::autograd::grad({Y}, {X, A, W, B}, {dY}, /*retain_graph=*/true); };
   const auto g = call();
-  if (!nkbench::check_peer(state, "torch autograd DyT dx against " + against, dense(g[0]).data_ptr<float>(),
+  if (!nkbench::check_peer(state, "torch autograd DyT dx", dense(g[0]).data_ptr<float>(),
                            s.ref.data(), s.x.size()) ||
-      !nkbench::check_peer(state, "torch autograd DyT dweight against " + against, dense(g[2]).data_ptr<float>(),
+      !nkbench::check_peer(state, "torch autograd DyT dweight", dense(g[2]).data_ptr<float>(),
                            s.dw_ref.data(), s.features, nkbench::kReductionTol))
     return;
   time_call(state, call, 12, s.x.size(), s.threads);
