@@ -15,25 +15,16 @@
 // is below LayerNorm's and BatchNorm's eps (1e-5) and RMSNorm's mean square is ten times
 // float's epsilon, so that a wrong eps, or eps added in the wrong place, shows.
 //
-// Tolerance: each library is within a few ulp of the exact result, relative to the size
-// of the terms an output is computed from (NormScales: rows with a variance below eps,
-// or a single value, make x - mean a small difference of large numbers); the two may
-// differ by the sum. kUlps units of epsilon(T) times that size: the largest difference
-// seen here was under 8 (every comparison passes at 8, some fail at 1), kUlps leaves 4x
-// for other compilers and reduction orders. A semantic difference is far larger: eps 1%
-// off (LayerNorm) or 10% off (RMSNorm), momentum 0.1001 for 0.1, alpha 1e-4 off, each
-// fails in float and double.
+// Tolerance: see peers_support.hpp.
 #include <normkit/normkit.hpp>
 
 #include <torch/torch.h>
 
-#include "test_support.hpp"
+#include "peers_support.hpp"
 
 namespace {
 
-using nktest::Index;
-
-constexpr double kUlps = 32;
+using namespace nkpeers;
 
 /// A torch tensor of dtype T, logical dims `dims`, row-major values `data`.
 template <class T>
@@ -48,108 +39,6 @@ std::vector<double> from_torch(const torch::Tensor& t) {
   const torch::Tensor c = t.detach().to(torch::kDouble).contiguous();
   return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
 }
-
-template <class T>
-std::vector<double> as_double(const std::vector<T>& v) {
-  return std::vector<double>(v.begin(), v.end());
-}
-
-/// Every |got - want| <= kUlps * epsilon(T) * scale: `scale` is the size of the terms
-/// an output is computed from (see NormScales), at least 1 in magnitude of the output.
-template <class T>
-void expect_agree(const std::vector<double>& got, const std::vector<double>& want, double scale,
-                  const std::string& what) {
-  for (double w : want) scale = std::max(scale, std::abs(w));
-  nktest::expect_close(got, want, kUlps * std::numeric_limits<T>::epsilon() * scale, 0, what);
-}
-
-template <class T>
-void expect_agree(const std::vector<double>& got, const std::vector<double>& want, const std::string& what) {
-  expect_agree<T>(got, want, 1.0, what);
-}
-
-/// The scale of each output of a normalization over groups (LayerNorm/RMSNorm rows,
-/// BatchNorm channels), computed in double from the inputs: what a rounding error of
-/// epsilon in a term moves the output by. With xhat = (x - mean) * rstd, g = dy * w and
-/// c = max (|x| + |mean|) * rstd (the size of xhat's terms: |xhat| where var >> eps, up
-/// to |x| / sqrt(eps) where the variance is below eps, or a row has one value):
-///   y = w * xhat + b                                   |w| c + |b|
-///   dx = rstd (g - mean(g) - xhat mean(g xhat))        rstd |g| (2 + 2 c^2)
-///   dweight = sum dy xhat, dbias = sum dy              sum |dy| c, sum |dy|
-struct NormScales {
-  double y = 1, dx = 1, dweight = 1, dbias = 1;
-};
-
-/// `group_of(i)`, `param_of(i)`: element i's group and parameter (weight) index; the
-/// statistics are (mean, var) per group from the batch (`stats` empty) or given (eval).
-template <class GroupOf, class ParamOf>
-NormScales norm_scales(const std::vector<double>& x, const std::vector<double>& dy, const std::vector<double>& w,
-                       const std::vector<double>& b, Index groups, GroupOf group_of, ParamOf param_of, bool center,
-                       double eps, std::vector<std::pair<double, double>> stats = {}) {
-  const std::size_t G = static_cast<std::size_t>(groups);
-  if (stats.empty()) {
-    std::vector<double> sum(G), count(G), sq(G);
-    for (std::size_t i = 0; i < x.size(); ++i) {
-      sum[group_of(i)] += x[i];
-      count[group_of(i)] += 1;
-    }
-    for (std::size_t k = 0; k < G; ++k) sum[k] = center ? sum[k] / count[k] : 0;
-    for (std::size_t i = 0; i < x.size(); ++i) sq[group_of(i)] += (x[i] - sum[group_of(i)]) * (x[i] - sum[group_of(i)]);
-    for (std::size_t k = 0; k < G; ++k) stats.emplace_back(sum[k], sq[k] / count[k]);
-  }
-  std::vector<double> c(G), rstd(G);
-  for (std::size_t k = 0; k < G; ++k) rstd[k] = 1 / std::sqrt(stats[k].second + eps);
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    const std::size_t k = group_of(i);
-    c[k] = std::max(c[k], (std::abs(x[i]) + std::abs(stats[k].first)) * rstd[k]);
-  }
-  const double wmax = w.empty() ? 1 : *std::max_element(w.begin(), w.end(), [](double p, double q) { return std::abs(p) < std::abs(q); });
-  NormScales s;
-  std::vector<double> dw(w.empty() ? 1 : w.size()), db(dw.size());
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    const std::size_t k = group_of(i), p = w.empty() ? 0 : param_of(i);
-    const double g = std::abs(dy[i] * (w.empty() ? 1 : w[p]));
-    s.y = std::max(s.y, std::abs(wmax) * c[k] + (b.empty() ? 0 : std::abs(b[p])));
-    s.dx = std::max(s.dx, rstd[k] * g * (2 + 2 * c[k] * c[k]));
-    dw[p] += std::abs(dy[i]) * c[k];
-    db[p] += std::abs(dy[i]);
-  }
-  s.dweight = *std::max_element(dw.begin(), dw.end());
-  s.dbias = *std::max_element(db.begin(), db.end());
-  return s;
-}
-
-template <class T>
-std::vector<double> values(const Eigen::Tensor<T, 1>& t) {
-  return std::vector<double>(t.data(), t.data() + t.size());
-}
-
-template <class T>
-void set_values(Eigen::Tensor<T, 1>& t, const std::vector<double>& v) {
-  ASSERT_EQ(static_cast<std::size_t>(t.size()), v.size());
-  for (Index i = 0; i < t.size(); ++i) t(i) = static_cast<T>(v[static_cast<std::size_t>(i)]);
-}
-
-std::string dims_str(const std::vector<Index>& d) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
-}
-
-/// Inputs of one case: x, dy in [-2, 2] times `scale`, rounded to T.
-template <class T>
-struct Inputs {
-  std::vector<double> x, dy;
-  Inputs(Index n, unsigned seed, double scale) {
-    x = nktest::random_vector(n, seed);
-    dy = nktest::random_vector(n, seed + 1);
-    for (double& v : x) v *= scale;
-    x = nktest::quantized<T>(x);
-    dy = nktest::quantized<T>(dy);
-  }
-};
-
-constexpr double kScales[] = {1.0, 1e-3};
 
 template <class T>
 class TorchPeer : public ::testing::Test {};
