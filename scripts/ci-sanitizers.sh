@@ -33,7 +33,7 @@ if want tsan; then
 step "2/4 TSan: concurrent use of one layer and one ThreadPoolDevice"
 cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_CXX_FLAGS="-fsanitize=thread -fno-omit-frame-pointer" \
-  -DNORMKIT_BUILD_BENCH=OFF -DNORMKIT_BUILD_EXAMPLES=OFF
+  -DNORMKIT_BUILD_BENCH=OFF -DNORMKIT_PEERS=OFF -DNORMKIT_BUILD_EXAMPLES=OFF
 cmake --build build/tsan -j "$JOBS" --target test_concurrency
 TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" build/tsan/tests/test_concurrency
 
@@ -47,7 +47,7 @@ tidy_pid=
 if want tidy; then
 step "4/4 clang-tidy over include/normkit (started; its result is printed at the end)"
 cmake -S . -B build/tidy -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ \
-  -DCMAKE_EXPORT_COMPILE_COMMANDS=ON -DNORMKIT_BUILD_BENCH=OFF -DNORMKIT_BUILD_EXAMPLES=OFF >/dev/null
+  -DCMAKE_EXPORT_COMPILE_COMMANDS=ON -DNORMKIT_BUILD_BENCH=OFF -DNORMKIT_PEERS=OFF -DNORMKIT_BUILD_EXAMPLES=OFF >/dev/null
 tidy_jobs=1
 want fuzz || tidy_jobs="$JOBS"
 ( start=$SECONDS status=0
@@ -65,7 +65,7 @@ step "3/4 libFuzzer: ${FUZZ_SECONDS} s from tests/fuzz/corpus"
 # under ASan + UBSan + coverage; -O2 costs much more build time than it gains in exec/s.
 cmake -S . -B build/fuzz -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O1" \
   -DCMAKE_CXX_COMPILER=clang++ \
-  -DNORMKIT_BUILD_FUZZ=ON -DNORMKIT_BUILD_BENCH=OFF -DNORMKIT_BUILD_EXAMPLES=OFF
+  -DNORMKIT_BUILD_FUZZ=ON -DNORMKIT_BUILD_BENCH=OFF -DNORMKIT_PEERS=OFF -DNORMKIT_BUILD_EXAMPLES=OFF
 start=$SECONDS
 cmake --build build/fuzz -j "$JOBS" --target fuzz_layers
 echo "fuzz: built in $((SECONDS - start)) s"
