@@ -748,27 +748,34 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
   eigen_assert(cr.begin == 0 && cr.end == v.C && "the column path takes all channels");
   // Column path: a chunk of rows of the [outer, C * inner] matrix is one contiguous run,
   // processed as such (streaming stores aligned once per chunk, never a partial store
-  // into a streamed line). The coefficients are repeated per column, over at least
-  // cols + W entries, so that a packet starting at any column reads them contiguously.
+  // into a streamed line). The coefficients are repeated per column, over cols + W - 1
+  // entries, so that a packet starting at any column reads them contiguously (chunk_map
+  // starts packets at columns 0 to cols - 1). Without dy only m, a, b are read.
   constexpr Index W = packet_size<Acc>;
   // Every array starts packet-aligned: a load that splits two cache lines costs two.
-  const Index cols = v.cols(), reps = (cols + W + cols - 1) / cols, len = reps * cols;
+  const Index cols = v.cols(), len = cols + W - 1;
   const Index stride = (len + W - 1) / W * W;
-  AlignedVector<Acc> coef(static_cast<std::size_t>(5 * stride));
-  Acc* cm = coef.data();
-  Acc* ca = cm + stride;
-  Acc* cb = ca + stride;
-  Acc* ck = cb + stride;
-  Acc* cg = ck + stride;
-  for (Index j = 0, c = 0, i = 0; j < len; ++j) {  // column j holds channel c, (j % cols) / inner
-    cm[j] = p.m[c];
-    ca[j] = p.a[c];
-    cb[j] = p.b[c];
-    ck[j] = has_dy ? p.k[c] : Acc(0);
-    cg[j] = has_dy ? p.g[c] : Acc(0);
-    if (++i == v.inner) {
-      i = 0;
-      if (++c == v.C) c = 0;
+  const Index arrays = has_dy ? 5 : 3;
+  AlignedVector<Acc> coef(static_cast<std::size_t>(arrays * stride));
+  Acc* const cm = coef.data();
+  Acc* const ca = cm + stride;
+  Acc* const cb = ca + stride;
+  Acc* const ck = has_dy ? cb + stride : nullptr;
+  Acc* const cg = has_dy ? ck + stride : nullptr;
+  const Acc* const src[5] = {p.m, p.a, p.b, p.k, p.g};
+  Acc* const dst[5] = {cm, ca, cb, ck, cg};
+  for (Index q = 0; q < arrays; ++q) {
+    if (v.inner == 1) {  // column j holds channel j % C: whole copies (cols = C)
+      for (Index j = 0; j < len; j += cols)
+        std::copy_n(src[q], std::min(cols, len - j), dst[q] + j);
+    } else {  // column j holds channel (j % cols) / inner
+      for (Index j = 0, c = 0, i = 0; j < len; ++j) {
+        dst[q][j] = src[q][c];
+        if (++i == v.inner) {
+          i = 0;
+          if (++c == v.C) c = 0;
+        }
+      }
     }
   }
   // Items of about 32 KiB of x (whole rows): elementwise, so any split gives the same

@@ -766,7 +766,7 @@ void cols_forward(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, Affine
   bool overflow = false;
   for (Index k = 0; k < np; ++k) {
     const P var = pmul(r[k], inv_f);
-    r[k] = pdiv(one, Eigen::internal::psqrt(padd(var, pe)));
+    r[k] = pdiv(one, psqrt_exact(padd(var, pe)));
     store_n<Acc>(mean + k * W, padd(s[k], padd(d[k], e[k])), cnt(k), false);
     store_n<Acc>(rstd + k * W, r[k], cnt(k), false);
     alignas(64) Acc tmp[W];

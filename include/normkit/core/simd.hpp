@@ -109,6 +109,63 @@ EIGEN_STRONG_INLINE void store_partial(T* p, const packet_t<Acc>& v, Index n) {
   for (Index i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
 }
 
+/// The correctly rounded square root of each lane of a packet of float or double (the
+/// sqrt instructions of SSE2, AVX and AVX-512). Not Eigen's psqrt: with EIGEN_FAST_MATH
+/// (Eigen's default) its AVX-512 float and double versions are a reciprocal-square-root
+/// estimate refined by Newton steps, a few ulp off, and NaN for +inf. Elsewhere, lane by
+/// lane with std::sqrt.
+template <class P>
+EIGEN_STRONG_INLINE P psqrt_exact(const P& x) {
+  using Acc = typename Eigen::internal::unpacket_traits<P>::type;
+  static_assert(std::is_same_v<Acc, float> || std::is_same_v<Acc, double>, "float or double packets");
+#if defined(__AVX512F__)
+  if constexpr (sizeof(P) == 64) {
+    if constexpr (std::is_same_v<Acc, float>)
+      return _mm512_sqrt_ps(x);
+    else
+      return _mm512_sqrt_pd(x);
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (sizeof(P) == 32) {
+    if constexpr (std::is_same_v<Acc, float>)
+      return _mm256_sqrt_ps(x);
+    else
+      return _mm256_sqrt_pd(x);
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (sizeof(P) == 16) {
+    if constexpr (std::is_same_v<Acc, float>)
+      return _mm_sqrt_ps(x);
+    else
+      return _mm_sqrt_pd(x);
+  }
+#endif
+  constexpr int W = Eigen::internal::unpacket_traits<P>::size;
+  alignas(64) Acc v[W];
+  Eigen::internal::pstore(v, x);
+  for (Acc& e : v) e = std::sqrt(e);
+  return Eigen::internal::pload<P>(v);
+}
+
+/// r[i] = 1 / sqrt(v[i] + eps) for i < n: the same bits as that scalar expression (the
+/// square root and the division are both correctly rounded), in packets where F has them.
+template <class F>
+void inv_sqrt_plus(const F* v, F eps, F* r, Index n) {
+  Index i = 0;
+  if constexpr (std::is_same_v<F, float> || std::is_same_v<F, double>) {
+    using P = packet_t<F>;
+    constexpr Index W = packet_size<F>;
+    if constexpr (W > 1) {
+      const P e = pset1<P>(eps), one = pset1<P>(F(1));
+      for (; i + W <= n; i += W)
+        Eigen::internal::pstoreu(r + i, pdiv(one, psqrt_exact(padd(Eigen::internal::ploadu<P>(v + i), e))));
+    }
+  }
+  for (; i < n; ++i) r[i] = F(1) / std::sqrt(v[i] + eps);
+}
+
 /// Whether store_stream has a non-temporal store for the packets of T in this build
 /// (float and double, x86: the packet's width in bytes 16 with SSE2, 32 with AVX, 64 with
 /// AVX-512). Where it is false, no kernel asks for streaming. The one list of widths that
