@@ -1216,4 +1216,60 @@ TEST(BatchNormTest, BackwardErrors) {
   EXPECT_TRUE(all_equal(buf.data(), 61, 7));
 }
 
+// Outputs of kStreamBytes (8 MiB) and more are written with streaming stores where the
+// tensors fill 1/16 of the last-level cache (simd::stream_output). The same BatchNorm on
+// the same 8 MiB tensor, once with every large output streamed (a cache size of 0) and
+// once with none (a cache of 2^60 bytes), must give the same bits: y, dx, the parameter
+// gradients and the running statistics, for the row path (NCHW, rows of 419^2 floats,
+// so misaligned), the column path (NC, 1031 channels) and channels-last, on 1 and 2
+// threads.
+TEST(BatchNormTest, StreamedOutputsMatchTheInCachePathBitwise) {
+  using Tensor4 = Eigen::Tensor<float, 4, Eigen::RowMajor>;
+  const Index n_min = Index(normkit::detail::simd::kStreamBytes / sizeof(float));
+  struct Case {
+    std::array<Index, 4> dims;
+    int axis;
+  };
+  for (const Case& c : {Case{{4, 3, 419, 419}, 1}, Case{{2053, 1031, 1, 1}, 1}, Case{{2, 101, 101, 103}, 3}}) {
+    Tensor4 x(c.dims), dy(c.dims);
+    ASSERT_GE(x.size(), n_min);
+    x.setRandom();
+    dy.setRandom();
+    const Index C = c.dims[static_cast<std::size_t>(c.axis)];
+    for (int threads : {1, 2}) {
+      SCOPED_TRACE("dims " + std::to_string(c.dims[0]) + "x" + std::to_string(c.dims[1]) + "x" +
+                   std::to_string(c.dims[2]) + "x" + std::to_string(c.dims[3]) + ", " + std::to_string(threads) +
+                   " threads");
+      struct Out {
+        std::vector<float> y, dx, y_eval, dw, db, rm, rv;
+      };
+      auto run = [&](std::size_t llc) {
+        const nktest::LlcBytes cache_size(llc);
+        normkit::BatchNorm<float> bn(C, normkit::BatchNormOptions().channel_axis(c.axis));
+        bn.weight().setConstant(1.5f);
+        bn.bias().setConstant(-0.25f);
+        Tensor4 y(c.dims), dx(c.dims), y_eval(c.dims);
+        normkit::BatchNorm<float>::Cache cache;
+        normkit::BatchNorm<float>::Grads grads;
+        nktest::on_threads(threads, [&](const auto& dev) {
+          bn.forward(dev, x, y, cache);
+          bn.backward(dev, x, dy, cache, dx, grads);
+          bn.eval();
+          bn.forward(dev, x, y_eval);
+        });
+        return Out{nktest::logical(y), nktest::logical(dx), nktest::logical(y_eval), nktest::values(grads.weight),
+                   nktest::values(grads.bias), nktest::values(bn.running_mean()), nktest::values(bn.running_var())};
+      };
+      const Out streamed = run(0), cached = run(std::size_t(1) << 60);
+      EXPECT_TRUE(nktest::bitwise_equal(streamed.y, cached.y)) << "y";
+      EXPECT_TRUE(nktest::bitwise_equal(streamed.dx, cached.dx)) << "dx";
+      EXPECT_TRUE(nktest::bitwise_equal(streamed.y_eval, cached.y_eval)) << "y (eval)";
+      EXPECT_TRUE(nktest::bitwise_equal(streamed.dw, cached.dw)) << "dweight";
+      EXPECT_TRUE(nktest::bitwise_equal(streamed.db, cached.db)) << "dbias";
+      EXPECT_TRUE(nktest::bitwise_equal(streamed.rm, cached.rm)) << "running_mean";
+      EXPECT_TRUE(nktest::bitwise_equal(streamed.rv, cached.rv)) << "running_var";
+    }
+  }
+}
+
 }  // namespace
