@@ -404,13 +404,27 @@ class BatchNorm {
   /// accumulation type cannot hold its intermediates: deviations x - mean beyond its
   /// range (values near its maximum), rstd below its smallest normal (std > 1e19 in
   /// float), or a coefficient (rstd * weight, the bias term) outside its normal range.
-  static bool is_wide(bool batch, double count, Fin mean, Fin var, Fin r,
-                      std::initializer_list<Fin> coefficients) {
-    if (!(std::isfinite(mean) && std::isfinite(var))) return false;  // NaN/Inf stay in their channel
-    const Fin max_acc = std::numeric_limits<Acc>::max(), min_acc = std::numeric_limits<Acc>::min();
-    const bool deviations = batch ? var * count > max_acc * max_acc / 4
-                                  : std::fabs(mean) > max_acc * std::numeric_limits<Acc>::epsilon();
-    return deviations || r < min_acc || out_of_range(coefficients);
+  /// Branch-free (each comparison a 0/1 unsigned), so that map_coefficients' loop over
+  /// every channel, which calls it, vectorizes.
+  static unsigned is_wide(bool batch, double count, Fin mean, Fin var, Fin r, Fin aw, Fin bw) {
+    const Fin max_fin = std::numeric_limits<Fin>::max(), max_acc = std::numeric_limits<Acc>::max(),
+              min_acc = std::numeric_limits<Acc>::min();
+    const Fin fm = std::fabs(mean);
+    const auto bit = [](bool b) { return static_cast<unsigned>(b); };
+    const unsigned finite = bit(fm <= max_fin) & bit(std::fabs(var) <= max_fin);  // NaN/Inf stay in their channel
+    const Fin inf = std::numeric_limits<Fin>::infinity();  // a limit that nothing exceeds
+    const Fin var_limit = batch ? max_acc * max_acc / 4 : inf;
+    const Fin mean_limit = batch ? inf : max_acc * std::numeric_limits<Acc>::epsilon();
+    const unsigned deviations = bit(var * count > var_limit) | bit(fm > mean_limit);
+    return finite & (deviations | bit(r < min_acc) | leaves_acc(aw) | leaves_acc(bw));
+  }
+
+  /// 1 where a finite, nonzero coefficient is outside Acc's normal range, else 0.
+  static unsigned leaves_acc(Fin k) {
+    const Fin f = std::fabs(k);
+    const auto bit = [](bool b) { return static_cast<unsigned>(b); };
+    return bit(f <= std::numeric_limits<Fin>::max()) & bit(k != 0) &
+           (bit(f < std::numeric_limits<Acc>::min()) | bit(f > std::numeric_limits<Acc>::max()));
   }
 
   /// y of the wide channels, in long double, channel after channel (before y is written:
@@ -635,9 +649,9 @@ class BatchNorm {
                                           const std::vector<Fin>& r, detail::ChannelRange cr, std::vector<Acc>& m,
                                           std::vector<Acc>& a, std::vector<Acc>& b, std::vector<Acc>& rs,
                                           std::vector<detail::WideChannel>& wide) const {
-    // Every channel's coefficients and whether it is_wide, without a branch (the loop
+    // Every channel's coefficients and is_wide flag in one loop without a branch (it
     // vectorizes: with few values per channel these channel loops are much of an eval
-    // forward), then the rare wide channels again, in order, with is_wide itself.
+    // forward), then, only where some channel is wide, those channels again, in order.
     const T* const wt = weight_.data();
     const T* const bs = bias_.data();
     auto coefficients = [&](auto affine, Index c, Fin& aw, Fin& bw) {
@@ -645,14 +659,6 @@ class BatchNorm {
       const Fin bb = affine ? static_cast<Fin>(static_cast<double>(bs[c])) : Fin(0);
       aw = r[c] * w;
       bw = bb - corr[c] * aw;
-    };
-    const Fin max_fin = std::numeric_limits<Fin>::max(), max_acc = std::numeric_limits<Acc>::max(),
-              min_acc = std::numeric_limits<Acc>::min();
-    const Fin var_limit = batch ? max_acc * max_acc / 4 : max_fin;
-    const Fin mean_limit = batch ? max_fin : max_acc * std::numeric_limits<Acc>::epsilon();
-    auto out_of_acc = [&](Fin k) {  // out_of_range, branch-free
-      const Fin f = std::fabs(k);
-      return static_cast<unsigned>((f <= max_fin) & (k != 0) & ((f < min_acc) | (f > max_acc)));
     };
     auto first_pass = [&](auto affine) {
       unsigned flags = 0;
@@ -662,10 +668,7 @@ class BatchNorm {
         rs[c] = static_cast<Acc>(r[c]);
         a[c] = static_cast<Acc>(aw);
         b[c] = static_cast<Acc>(bw);
-        const Fin fm = std::fabs(mean[c]), fv = std::fabs(var[c]);
-        const unsigned finite = static_cast<unsigned>((fm <= max_fin) & (fv <= max_fin));
-        const unsigned deviations = static_cast<unsigned>((var[c] * count > var_limit) | (fm > mean_limit));
-        flags |= finite & (deviations | static_cast<unsigned>(r[c] < min_acc) | out_of_acc(aw) | out_of_acc(bw));
+        flags |= is_wide(batch, count, mean[c], var[c], r[c], aw, bw);
       }
       return flags != 0;
     };
@@ -677,7 +680,7 @@ class BatchNorm {
         coefficients(std::true_type{}, c, aw, bw);
       else
         coefficients(std::false_type{}, c, aw, bw);
-      if (is_wide(batch, count, mean[c], var[c], r[c], {aw, bw})) {
+      if (is_wide(batch, count, mean[c], var[c], r[c], aw, bw)) {
         wide.push_back({c, mean[c], r[c]});
         m[c] = a[c] = b[c] = rs[c] = Acc(0);  // the vector pass writes 0; the wide pass the values
       }
@@ -749,10 +752,9 @@ class BatchNorm {
   }
 
   static bool out_of_range(std::initializer_list<Fin> coefficients) {
-    const Fin max_acc = std::numeric_limits<Acc>::max(), min_acc = std::numeric_limits<Acc>::min();
-    for (Fin k : coefficients)
-      if (std::isfinite(k) && k != 0 && !(std::fabs(k) >= min_acc && std::fabs(k) <= max_acc)) return true;
-    return false;
+    unsigned out = 0;
+    for (Fin k : coefficients) out |= leaves_acc(k);
+    return out != 0;
   }
 
   static std::vector<T> wide_backward(const T* x, const T* dy, const detail::ChannelView& v,
