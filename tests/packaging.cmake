@@ -6,12 +6,17 @@
 #   example-cmake-project      examples/cmake-project against that prefix
 #   add-subdirectory-test      add_subdirectory(normkit): build, run; no tests/bench/install
 #   header_warnings            (a build target, not a test) the headers under -Werror
-# normkit's headers warning-free in a user's -Wall -Wextra -Wpedantic -Werror build
-# (compiled, never run; a warning fails the build): tests/header_warnings.cpp.
+# normkit's headers warning-free in a strict user build (compiled, never run; a warning
+# fails the build): tests/header_warnings.cpp under -Wall -Wextra -Wpedantic plus
+# -Wshadow, -Wconversion (with clang, whose -Wconversion includes the signedness of
+# every std::vector index, less -Wsign-conversion), -Wold-style-cast, -Wcast-qual,
+# -Wnon-virtual-dtor, -Woverloaded-virtual and -Wundef, and -Werror.
 add_library(header_warnings OBJECT header_warnings.cpp)
 target_link_libraries(header_warnings PRIVATE normkit::normkit)
 target_compile_options(header_warnings PRIVATE
-  $<$<CXX_COMPILER_ID:GNU,Clang>:-Wall -Wextra -Wpedantic -Werror>
+  $<$<CXX_COMPILER_ID:GNU,Clang>:-Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wold-style-cast
+    -Wcast-qual -Wnon-virtual-dtor -Woverloaded-virtual -Wundef -Werror>
+  $<$<CXX_COMPILER_ID:Clang>:-Wno-sign-conversion>
   $<$<AND:$<BOOL:${NORMKIT_NATIVE}>,$<CXX_COMPILER_ID:GNU,Clang>>:-march=native>)
 
 set(_nk_consumer_args

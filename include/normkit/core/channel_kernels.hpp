@@ -378,7 +378,7 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
     const Index nch = cr.size(), segs = v.segs(), items = v.outer * nch * segs;
     work.resize(static_cast<std::size_t>(items));
     const Index len = std::min(v.inner, kSeg);
-    parallel_for(dev, items, double(len * sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
+    parallel_for(dev, items, double(len * sizeof(T)), 3.0 * double(len), [&](Index i0, Index i1) {
       for (Index i = i0; i < i1; ++i) {
         const Index row = i / segs, sg = i % segs;
         const Index n = std::min(kSeg, v.inner - sg * kSeg);
@@ -543,7 +543,7 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
     const Index nch = cr.size(), segs = v.segs(), items = v.outer * nch * segs;
     work.resize(static_cast<std::size_t>(3 * items));
     const Index len = std::min(v.inner, kSeg);
-    parallel_for(dev, items, double(2 * len * sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
+    parallel_for(dev, items, double(2 * len * sizeof(T)), 3.0 * double(len), [&](Index i0, Index i1) {
       for (Index i = i0; i < i1; ++i) {
         const Index row = i / segs, sg = i % segs, c = cr.channel_of(row);
         const Index n = std::min(kSeg, v.inner - sg * kSeg);
@@ -732,7 +732,7 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
   const double bytes = (has_dy ? 3.0 : 2.0) * sizeof(T);
   if (v.row_path()) {
     const Index nch = cr.size(), rows = v.outer * nch;
-    parallel_for(dev, rows, bytes * v.inner, 3.0 * v.inner, [&](Index r0, Index r1) {
+    parallel_for(dev, rows, bytes * double(v.inner), 3.0 * double(v.inner), [&](Index r0, Index r1) {
       for (Index i = r0; i < r1; ++i) {
         const Index r = rows - 1 - i, c = cr.channel_of(r), off = cr.run_offset(v, r);
         const Acc k = has_dy ? p.k[c] : Acc(0), g = has_dy ? p.g[c] : Acc(0);
@@ -782,7 +782,7 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
   // values, and a fine one lets the threads of a pool share a tensor in cache evenly.
   const Index mrows = std::clamp<Index>((Index(32) << 10) / (cols * Index(sizeof(T))), 1, kChunkRows);
   const Index chunks = (v.outer + mrows - 1) / mrows;
-  parallel_for(dev, chunks, bytes * cols * mrows, 3.0 * cols * mrows, [&](Index c0, Index c1) {
+  parallel_for(dev, chunks, bytes * double(cols * mrows), 3.0 * double(cols * mrows), [&](Index c0, Index c1) {
     for (Index i = c0; i < c1; ++i) {
       const Index r0 = (chunks - 1 - i) * mrows, off = r0 * cols;
       const Index n = std::min(mrows, v.outer - r0) * cols;

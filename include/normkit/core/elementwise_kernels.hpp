@@ -175,8 +175,8 @@ void channel_map_forward(const Dev& dev, const Block3& v, const T* x, T* y, Acc*
     const Index L = v.mid * v.inner, tiles = (L + kRowTile - 1) / kRowTile;
     const AlignedVector<Acc> s = expand_param<Acc>(scale, v.mid, v.inner, Acc(1)),
                            b = expand_param<Acc>(shift, v.mid, v.inner, -Acc(0));
-    parallel_for(dev, v.outer * tiles, bytes_per * std::min(L, kRowTile),
-                 kCycles * std::min(L, kRowTile), [&](Index i0, Index i1) {
+    parallel_for(dev, v.outer * tiles, bytes_per * double(std::min(L, kRowTile)),
+                 kCycles * double(std::min(L, kRowTile)), [&](Index i0, Index i1) {
                    for (Index it = i0; it < i1; ++it) {
                      const Index o = it / tiles, c0 = (it % tiles) * kRowTile;
                      const Index n = std::min(kRowTile, L - c0), off = o * L + c0;
@@ -192,8 +192,8 @@ void channel_map_forward(const Dev& dev, const Block3& v, const T* x, T* y, Acc*
     return;
   }
   const Index segs = (v.inner + kRunSeg - 1) / kRunSeg;
-  parallel_for(dev, v.outer * v.mid * segs, bytes_per * std::min(v.inner, kRunSeg),
-               kCycles * std::min(v.inner, kRunSeg), [&](Index i0, Index i1) {
+  parallel_for(dev, v.outer * v.mid * segs, bytes_per * double(std::min(v.inner, kRunSeg)),
+               kCycles * double(std::min(v.inner, kRunSeg)), [&](Index i0, Index i1) {
                  for (Index it = i0; it < i1; ++it) {
                    const Index run = it / segs, c = run % v.mid, s0 = (it % segs) * kRunSeg;
                    const Index n = std::min(kRunSeg, v.inner - s0), off = run * v.inner + s0;
@@ -431,8 +431,8 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
     Acc* part = work.get(static_cast<std::size_t>(bl.blocks * 3 * L));
     // Row-group stores are streamed only when every row starts aligned.
     const bool st_rows = stream && L % W == 0 && misalignment<Acc>(dx) == 0;
-    parallel_for(dev, bl.blocks * tiles, bytes_per * std::min(L, kRowTile) * double(bl.per_block),
-                 cycles_per * std::min(L, kRowTile) * double(bl.per_block), [&](Index i0, Index i1) {
+    parallel_for(dev, bl.blocks * tiles, bytes_per * double(std::min(L, kRowTile) * bl.per_block),
+                 cycles_per * double(std::min(L, kRowTile) * bl.per_block), [&](Index i0, Index i1) {
                    for (Index it = i0; it < i1; ++it) {
                      const Index b = it / tiles, c0 = (it % tiles) * kRowTile;
                      const Index n = std::min(kRowTile, L - c0);
@@ -474,7 +474,7 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                      Acc* const out[3] = {g.dscale.data(), g.dshift.data(), g.dpc.data()};
                      for (Index gi = g0; gi < g1; ++gi) {
                        const Index j0 = gi * per, n = std::min(C, j0 + per) - j0;
-                       for (Index k = 0; k < 3; ++k) sum_blocks(part + k * L + j0, 3 * L, bl.blocks, n, out[k] + j0);
+                       for (Index w = 0; w < 3; ++w) sum_blocks(part + w * L + j0, 3 * L, bl.blocks, n, out[w] + j0);
                      }
                      return;
                    }
@@ -485,8 +485,8 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                      Acc s = 0, h = 0, q = 0;
                      for (Index j0 = c * v.inner, end = c1 * v.inner; j0 < end; j0 += kSumColumns) {
                        const Index n = std::min(kSumColumns, end - j0);
-                       for (Index k = 0; k < 3; ++k)
-                         sum_blocks(part + k * L + j0, 3 * L, bl.blocks, n, sj + k * kSumColumns);
+                       for (Index w = 0; w < 3; ++w)
+                         sum_blocks(part + w * L + j0, 3 * L, bl.blocks, n, sj + w * kSumColumns);
                        for (Index j = 0; j < n; ++j) {
                          s += sj[j];
                          h += sj[kSumColumns + j];
@@ -507,8 +507,8 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
 
   const Index segs = (v.inner + kRunSeg - 1) / kRunSeg, items = v.outer * C * segs;
   Acc* part = work.get(static_cast<std::size_t>(items * 3));
-  parallel_for(dev, items, bytes_per * std::min(v.inner, kRunSeg),
-               cycles_per * std::min(v.inner, kRunSeg), [&](Index i0, Index i1) {
+  parallel_for(dev, items, bytes_per * double(std::min(v.inner, kRunSeg)),
+               cycles_per * double(std::min(v.inner, kRunSeg)), [&](Index i0, Index i1) {
                  for (Index it = i0; it < i1; ++it) {
                    const Index run = it / segs, c = run % C, s0 = (it % segs) * kRunSeg;
                    const Index n = std::min(kRunSeg, v.inner - s0), off = run * v.inner + s0;

@@ -151,7 +151,7 @@ EIGEN_STRONG_INLINE Eigen::internal::Packet2d pscale_pow2(const Eigen::internal:
                                                           const Eigen::internal::Packet2d& kmagic,
                                                           const Eigen::internal::Packet2d&) {
   const __m128i kbits = _mm_slli_epi64(_mm_castpd_si128(kmagic), 52);
-  return Eigen::internal::Packet2d(_mm_castsi128_pd(_mm_add_epi64(_mm_castpd_si128(p), kbits)));
+  return _mm_castsi128_pd(_mm_add_epi64(_mm_castpd_si128(p), kbits));
 }
 #endif
 #if defined(EIGEN_VECTORIZE_AVX2)
@@ -237,9 +237,9 @@ EIGEN_STRONG_INLINE __mmask16 pcmp_le_mask(const Eigen::internal::Packet8d& a,
 template <class Packet>
 EIGEN_STRONG_INLINE bool ptanh_any_large(const Packet& s0, const Packet& s1) {
   using namespace Eigen::internal;
-  using C = TanhConstants<typename unpacket_traits<Packet>::type>;
 #if defined(EIGEN_VECTORIZE_AVX512)
   if constexpr (std::is_same_v<Packet, Packet16f> || std::is_same_v<Packet, Packet8d>) {
+    using C = TanhConstants<typename unpacket_traits<Packet>::type>;
     const Packet c2 = pset1<Packet>(C::small_limit * C::small_limit);
     return !_mm512_kortestz(pcmp_le_mask(c2, s0), pcmp_le_mask(c2, s1));
   }

@@ -171,7 +171,7 @@ class TrailingNorm {
     dispatch2(p.weight != nullptr, p.bias != nullptr, [&](auto hw, auto hb) {
       constexpr bool HasW = decltype(hw)::value, HasB = decltype(hb)::value;
       if constexpr (row_major) {
-        parallel_for(dev, rows, 2.0 * F * sizeof(T), 10.0 * F, [&](Index r0, Index r1) {
+        parallel_for(dev, rows, 2.0 * double(F) * double(sizeof(T)), 10.0 * double(F), [&](Index r0, Index r1) {
           if (overlap) {
             rows_forward_overlapped<Center, HasW, HasB>(xp + r0 * F, yp + r0 * F, r1 - r0, F, eps,
                                                         p, mean ? mean + r0 : nullptr,
@@ -190,7 +190,7 @@ class TrailingNorm {
       } else {
         const std::vector<Index> perm = row_permutation(dims);
         const Index tiles = (rows + kColTile - 1) / kColTile;
-        parallel_for(dev, tiles, 2.0 * F * kColTile * sizeof(T), 10.0 * F * kColTile,
+        parallel_for(dev, tiles, 2.0 * double(F * kColTile) * double(sizeof(T)), 10.0 * double(F * kColTile),
                      [&](Index t0, Index t1) {
                        for (Index t = t0; t < t1; ++t) {
                          const Index c0 = t * kColTile, nc = std::min(kColTile, rows - c0);
@@ -266,7 +266,7 @@ class TrailingNorm {
     dispatch2(wp != nullptr, false, [&](auto hw, auto) {
       constexpr bool HasW = decltype(hw)::value;
       const double items = row_major ? double(bl.per_block) : double(bl.per_block * kColTile);
-      parallel_for(dev, bl.blocks, 3.0 * F * sizeof(T) * items, 12.0 * F * items,
+      parallel_for(dev, bl.blocks, 3.0 * double(F) * items * double(sizeof(T)), 12.0 * double(F) * items,
                    [&](Index b0, Index b1) {
                      for (Index b = b0; b < b1; ++b) {
                        Acc* dw = partial ? partial + b * F * nparts : nullptr;
