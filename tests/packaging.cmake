@@ -5,6 +5,7 @@
 #   pkg-config-test            `pkg-config --cflags --libs normkit` from that prefix: compile, run
 #   example-cmake-project      examples/cmake-project against that prefix
 #   add-subdirectory-test      add_subdirectory(normkit): build, run; no tests/bench/install
+#   fetchcontent-test          FetchContent from the local checkout: the same checks
 #   header_warnings            (a build target, not a test) the headers under -Werror
 # normkit's headers warning-free in a strict user build (compiled, never run; a warning
 # fails the build): tests/header_warnings.cpp under -Wall -Wextra -Wpedantic plus
@@ -33,6 +34,16 @@ add_test(NAME add-subdirectory-test
     ${_nk_consumer_args}
     -P ${CMAKE_CURRENT_SOURCE_DIR}/add-subdirectory-test/run.cmake)
 set_tests_properties(add-subdirectory-test PROPERTIES LABELS packaging TIMEOUT 300)
+
+add_test(NAME fetchcontent-test
+  COMMAND ${CMAKE_COMMAND}
+    -DNORMKIT_SOURCE_DIR=${PROJECT_SOURCE_DIR}
+    -DCONSUMER_DIR=${CMAKE_CURRENT_SOURCE_DIR}/fetchcontent-test
+    -DBUILD_DIR=${CMAKE_CURRENT_BINARY_DIR}/fetchcontent-test
+    -DSUBPROJECT_DIR=_deps/normkit-build
+    ${_nk_consumer_args}
+    -P ${CMAKE_CURRENT_SOURCE_DIR}/add-subdirectory-test/run.cmake)
+set_tests_properties(fetchcontent-test PROPERTIES LABELS packaging TIMEOUT 300)
 
 # The installed package exists only where this build generates install rules.
 if(NOT NORMKIT_INSTALL)

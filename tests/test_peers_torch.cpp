@@ -34,7 +34,6 @@ torch::Tensor to_torch(const std::vector<Index>& dims, const std::vector<double>
   return torch::tensor(data, torch::kDouble).reshape(d).to(dtype);
 }
 
-template <class T>
 std::vector<double> from_torch(const torch::Tensor& t) {
   const torch::Tensor c = t.detach().to(torch::kDouble).contiguous();
   return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
@@ -127,18 +126,18 @@ void check_trailing(const TrailingCase& c, bool affine, bool bias, bool default_
     Y = m->forward(X);
     Y.backward(to_torch<T>(c.dims, in.dy));
     if (affine) {
-      expect_agree<T>(values(grads.weight), from_torch<T>(m->weight.grad().reshape({-1})), sc.dweight, "dweight");
-      if (bias) expect_agree<T>(values(grads.bias), from_torch<T>(m->bias.grad().reshape({-1})), sc.dbias, "dbias");
+      expect_agree<T>(values(grads.weight), from_torch(m->weight.grad().reshape({-1})), sc.dweight, "dweight");
+      if (bias) expect_agree<T>(values(grads.bias), from_torch(m->bias.grad().reshape({-1})), sc.dbias, "dbias");
     }
   } else {
     Y = torch_rms_norm(X, c.normalized.size(), eps, affine ? c10::optional<torch::Tensor>(W) : c10::nullopt);
     Y.backward(to_torch<T>(c.dims, in.dy));
-    if (affine) expect_agree<T>(values(grads.weight), from_torch<T>(W.grad().reshape({-1})), sc.dweight, "dweight");
+    if (affine) expect_agree<T>(values(grads.weight), from_torch(W.grad().reshape({-1})), sc.dweight, "dweight");
   }
-  const std::vector<double> Yt = from_torch<T>(Y);
+  const std::vector<double> Yt = from_torch(Y);
   expect_agree<T>(as_double(nktest::logical(y)), Yt, sc.y, "y (training forward)");
   expect_agree<T>(as_double(nktest::logical(y_inference)), Yt, sc.y, "y (inference forward)");
-  expect_agree<T>(as_double(nktest::logical(dx)), from_torch<T>(X.grad()), sc.dx, "dx");
+  expect_agree<T>(as_double(nktest::logical(dx)), from_torch(X.grad()), sc.dx, "dx");
 }
 
 template <class Layer, class T>
@@ -238,8 +237,8 @@ void check_batch_norm(const BatchCase& c, std::optional<double> momentum, bool a
     // The same values as torch's (N, C, ...) tensor, in normkit's dim order.
     torch::Tensor X = to_torch<T>(c.dims, in.x).requires_grad_(true);
     const torch::Tensor dY = to_torch<T>(c.dims, in.dy);
-    const auto x = nktest::make_tensor<T, R, L>(nk_dims, from_torch<T>(nk_order(X)));
-    const auto dy = nktest::make_tensor<T, R, L>(nk_dims, from_torch<T>(nk_order(dY)));
+    const auto x = nktest::make_tensor<T, R, L>(nk_dims, from_torch(nk_order(X)));
+    const auto dy = nktest::make_tensor<T, R, L>(nk_dims, from_torch(nk_order(dY)));
     Eigen::Tensor<T, R, L> y(x.dimensions()), dx(x.dimensions());
     typename normkit::BatchNorm<T>::Cache cache;
     typename normkit::BatchNorm<T>::Grads grads;
@@ -263,14 +262,14 @@ void check_batch_norm(const BatchCase& c, std::optional<double> momentum, bool a
     for (auto& p : m->parameters()) p.mutable_grad() = torch::Tensor();
     torch::Tensor Y = module.forward(X);
     Y.backward(dY);
-    expect_agree<T>(as_double(nktest::logical(y)), from_torch<T>(nk_order(Y)), sc.y, "y");
-    expect_agree<T>(as_double(nktest::logical(dx)), from_torch<T>(nk_order(X.grad())), sc.dx, "dx");
+    expect_agree<T>(as_double(nktest::logical(y)), from_torch(nk_order(Y)), sc.y, "y");
+    expect_agree<T>(as_double(nktest::logical(dx)), from_torch(nk_order(X.grad())), sc.dx, "dx");
     if (affine) {
-      expect_agree<T>(values(grads.weight), from_torch<T>(mw.grad()), sc.dweight, "dweight");
-      expect_agree<T>(values(grads.bias), from_torch<T>(mb.grad()), sc.dbias, "dbias");
+      expect_agree<T>(values(grads.weight), from_torch(mw.grad()), sc.dweight, "dweight");
+      expect_agree<T>(values(grads.bias), from_torch(mb.grad()), sc.dbias, "dbias");
     }
-    expect_agree<T>(values(bn.running_mean()), from_torch<T>(rm), "running_mean");
-    expect_agree<T>(values(bn.running_var()), from_torch<T>(rv), "running_var");
+    expect_agree<T>(values(bn.running_mean()), from_torch(rm), "running_mean");
+    expect_agree<T>(values(bn.running_var()), from_torch(rv), "running_var");
   }
 }
 
@@ -343,13 +342,13 @@ void check_dyt(const std::vector<Index>& dims, bool bias, unsigned seed) {
     dalpha_scale += std::abs(in.dy[i] * w[k] * in.x[i]);
     dw_scale = std::max(dw_scale, per_channel[k] += std::abs(in.dy[i]));
   }
-  const std::vector<double> Yt = from_torch<T>(Y);
+  const std::vector<double> Yt = from_torch(Y);
   expect_agree<T>(as_double(nktest::logical(y)), Yt, "y (training forward)");
   expect_agree<T>(as_double(nktest::logical(y_inference)), Yt, "y (inference forward)");
-  expect_agree<T>(as_double(nktest::logical(dx)), from_torch<T>(X.grad()), "dx");
-  expect_agree<T>({static_cast<double>(grads.alpha)}, from_torch<T>(A.grad()), dalpha_scale, "dalpha");
-  expect_agree<T>(values(grads.weight), from_torch<T>(W.grad()), dw_scale, "dweight");
-  if (bias) expect_agree<T>(values(grads.bias), from_torch<T>(B.grad()), dw_scale, "dbias");
+  expect_agree<T>(as_double(nktest::logical(dx)), from_torch(X.grad()), "dx");
+  expect_agree<T>({static_cast<double>(grads.alpha)}, from_torch(A.grad()), dalpha_scale, "dalpha");
+  expect_agree<T>(values(grads.weight), from_torch(W.grad()), dw_scale, "dweight");
+  if (bias) expect_agree<T>(values(grads.bias), from_torch(B.grad()), dw_scale, "dbias");
 }
 
 TYPED_TEST(TorchPeer, DyTMatchesTheTorchExpression) {
