@@ -27,12 +27,19 @@
 //    sum(dy * (x - m)) underflowed in float (each product ~ 4e-47), so mean(dy * xhat) was
 //    lost and dx came out as rstd * (dy - mean(dy)) ~ 1.7e-38 where it is 0 (replay input
 //    296698). The backward sums are now of dy * xhat, xhat = (x - m) * rstd.
+// 8. BatchNorm<double> with batch statistics, a channel in long double (subnormal weight)
+//    with a large offset (7 values near 7.03e13, std 1.8e7, eps 1000): its backward sums
+//    were taken around the long-double mean without the correction the vector path makes
+//    for the mean's rounding, so dweight = sum(dy * xhat) came out as -2.6e-12 where it
+//    is 0 (dy = -4 everywhere; tolerance 3.4e-13). Replay inputs 299505 (seed 1) and
+//    271059 (seed 4), found with fuzz_layers_replay --seed.
 #include <gtest/gtest.h>
 #include <normkit/normkit.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "fuzz/reference_layers.hpp"
@@ -216,6 +223,54 @@ TEST(BatchNormOverflowTest, EvalDxIgnoresANaNRunningMean) {
     EXPECT_NEAR(dx(r, 0), want0, 4 * std::numeric_limits<double>::epsilon()) << "row " << r;
     ASSERT_TRUE(std::isfinite(dx(r, 1))) << "row " << r;
     EXPECT_NEAR(dx(r, 1), want1, 2 * std::numeric_limits<double>::denorm_min()) << "row " << r;
+  }
+}
+
+// Channel 1 goes through long double (weight * rstd is subnormal) and has a large offset;
+// channel 0 is the same values with weight 1 (the vector path). Training mode and eval
+// without running statistics (both batch statistics); both layouts.
+template <int Layout>
+void check_offset_wide_channel(bool train) {
+  const double xs[7] = {70300075032576, 70300024700928, 70300024700928, 70300024700928,
+                        70300024700928, 70300024700928, 70300024700928};
+  normkit::BatchNorm<double> bn(2, normkit::BatchNormOptions().eps(1000).track_running_stats(false));
+  bn.weight()(0) = 1;
+  bn.weight()(1) = 2.7618269602525682e-321;
+  bn.bias()(0) = bn.bias()(1) = 0.5;
+  if (!train) bn.eval();
+  Eigen::Tensor<double, 2, Layout> x(7, 2), y(7, 2), dy(7, 2), dx(7, 2);
+  std::vector<nkref::LD> xl(14), dyl(14, -4.0L);
+  for (Index r = 0; r < 7; ++r)
+    for (Index c = 0; c < 2; ++c) {
+      x(r, c) = xs[r];
+      dy(r, c) = -4;
+      xl[static_cast<std::size_t>(2 * r + c)] = xs[r];
+    }
+  normkit::BatchNorm<double>::Cache cache;
+  normkit::BatchNorm<double>::Grads grads;
+  bn.forward(x, y, cache);
+  bn.backward(x, dy, cache, dx, grads);
+  nkref::Params p;
+  p.eps = 1000;
+  p.w = {1.0L, 2.7618269602525682e-321L};
+  p.b = {0.5L, 0.5L};
+  const nkref::Result want = nkref::normalize(true, false, xl, dyl, nkref::Shape3{7, 2, 1}, p);
+  const std::string where = std::string(train ? "training" : "eval, batch statistics") +
+                            (Layout == Eigen::RowMajor ? ", RowMajor" : ", ColMajor");
+  expect_like_fuzz<double>(("dweight, " + where).c_str(), {grads.weight(0), grads.weight(1)}, want.dw,
+                           want.dw_scale, want.dw_amp);
+  EXPECT_EQ(grads.weight(0), 0.0) << where;  // dy is constant: sum(dy * xhat) = -4 sum(xhat) = 0
+  EXPECT_EQ(grads.weight(1), grads.weight(0)) << where;
+  std::vector<double> got(14);
+  for (Index r = 0; r < 7; ++r)
+    for (Index c = 0; c < 2; ++c) got[static_cast<std::size_t>(2 * r + c)] = dx(r, c);
+  expect_like_fuzz<double>(("dx, " + where).c_str(), got, want.dx, want.dx_scale, want.dx_amp);
+}
+
+TEST(BatchNormWideChannelTest, LargeOffsetGivesZeroDweight) {
+  for (bool train : {true, false}) {
+    check_offset_wide_channel<Eigen::RowMajor>(train);
+    check_offset_wide_channel<Eigen::ColMajor>(train);
   }
 }
 

@@ -537,8 +537,9 @@ class BatchNorm {
     }
 
     // A = sum(xh), B = sum(dy), Cc = sum(dy * xh) per channel with xh = (x - m) * rstd, over
-    // all processes;
-    // for the channels forward sent through long double, (0, B, sum(dy * xhat)) from there.
+    // all processes; for the channels forward sent through long double, the same sums
+    // around its long-double mean, from there. With batch statistics A is 0 but for the
+    // rounding of the mean, and grad_coefficients takes that out of Cc.
     std::vector<double> sums(static_cast<std::size_t>(3 * C), 0.0);
     const Acc* m = cache.mean.data();
     std::vector<const detail::WideChannel*> was_wide(static_cast<std::size_t>(C), nullptr);
@@ -547,7 +548,7 @@ class BatchNorm {
     // double sums are what the processes exchange), and overflowed, the channels found
     // to overflow here. Both are sized on first use, which is rare (filling them with
     // long doubles took 7% of the call at 256x512); groups may run concurrently.
-    std::vector<std::array<long double, 2>> wide_sums;
+    std::vector<std::array<long double, 3>> wide_sums;
     std::vector<detail::WideChannel> overflowed;
     std::once_flag wide_sized;
     auto size_wide = [&] {
@@ -575,16 +576,11 @@ class BatchNorm {
                                           concurrent ? local_work : grads.work, sums.data(), cr);
         for (const detail::WideChannel& w : cache.wide) {
           if (!cr.contains(w.channel)) continue;
-          long double sb = 0, sc = 0;
-          detail::for_each_in_channel(v, w.channel, [&](Index i) {
-            const long double gi = static_cast<double>(dy.data()[i]);
-            sb += gi;
-            sc += gi * ((static_cast<long double>(static_cast<double>(x.data()[i])) - w.mean) * w.invstd);
-          });
-          sums[w.channel] = 0;
-          sums[C + w.channel] = static_cast<double>(sb);
-          sums[2 * C + w.channel] = static_cast<double>(sc);
-          wide_sums[static_cast<std::size_t>(w.channel)] = {sb, sc};
+          const std::array<long double, 3> ws = wide_grad_sums(x.data(), dy.data(), v, w.channel, w.mean, w.invstd);
+          sums[w.channel] = static_cast<double>(ws[0]);
+          sums[C + w.channel] = static_cast<double>(ws[1]);
+          sums[2 * C + w.channel] = static_cast<double>(ws[2]);
+          wide_sums[static_cast<std::size_t>(w.channel)] = ws;
         }
         // Sums of finite values that overflowed Acc (dy * (x - m) near DBL_MAX): that
         // channel too is done in long double, around the mean forward used.
@@ -605,17 +601,10 @@ class BatchNorm {
             if (!finite) continue;  // NaN and Inf stay in their channel
             const long double mean = batch && cache.count > 0 ? mc + sa / static_cast<long double>(cache.count) : mc;
             const long double r = static_cast<long double>(cache.invstd(c));
-            long double sb = 0, sc = 0;
-            detail::for_each_in_channel(v, c, [&](Index i) {
-              const long double gi = static_cast<double>(dy.data()[i]);
-              sb += gi;
-              sc += gi * ((static_cast<long double>(static_cast<double>(x.data()[i])) - mean) * r);
-            });
             size_wide();
             overflowed[static_cast<std::size_t>(c)] = {c, mean, r};
             was_wide[static_cast<std::size_t>(c)] = &overflowed[static_cast<std::size_t>(c)];
-            wide_sums[static_cast<std::size_t>(c)] = {sb, sc};
-            sums[c] = 0;
+            wide_sums[static_cast<std::size_t>(c)] = wide_grad_sums(x.data(), dy.data(), v, c, mean, r);
           }
         }
         if (red) red->allreduce_sum(sums.data(), 3 * C);  // one group of all channels
@@ -702,7 +691,7 @@ class BatchNorm {
   /// every device, so the results are the same bits for any thread count.
   EIGEN_DONT_INLINE void grad_coefficients(const Cache& cache, const double* sums,
                                            const std::vector<const detail::WideChannel*>& was_wide,
-                                           const std::vector<std::array<long double, 2>>& wide_sums,
+                                           const std::vector<std::array<long double, 3>>& wide_sums,
                                            bool exact_wide, detail::ChannelRange cr, Grads& grads,
                                            std::vector<Acc>& a, std::vector<Acc>& b, std::vector<Acc>& k,
                                            std::vector<Acc>& g, std::vector<WideGrad>& wide) const {
@@ -715,12 +704,17 @@ class BatchNorm {
       const Fin r = ww ? static_cast<Fin>(ww->invstd) : static_cast<Fin>(cache.invstd(c));
       const Fin w = affine ? static_cast<Fin>(static_cast<double>(weight_(c))) : 1;
       const bool exact = ww && exact_wide;
-      const Fin A = sums[c], B = exact ? static_cast<Fin>(wide_sums[static_cast<std::size_t>(c)][0]) : sums[C + c],
-                Cc = exact ? static_cast<Fin>(wide_sums[static_cast<std::size_t>(c)][1]) : sums[2 * C + c];
-      // In batch mode m is the rounded batch mean; corr = A / n is what it misses, times
-      // rstd (the sums are of xh = (x - m) * rstd = xhat + corr).
-      const Fin corr = batch && n > 0 && !ww ? A / n : 0;
-      const Fin sum_dy_xhat = ww ? Cc : Cc - corr * B;
+      const std::size_t cs = static_cast<std::size_t>(c);
+      const Fin A = exact ? static_cast<Fin>(wide_sums[cs][0]) : sums[c],
+                B = exact ? static_cast<Fin>(wide_sums[cs][1]) : sums[C + c],
+                Cc = exact ? static_cast<Fin>(wide_sums[cs][2]) : sums[2 * C + c];
+      // In batch mode m is the rounded batch mean (a long-double channel's too, to long
+      // double); corr = A / n is what it misses, times rstd (the sums are of
+      // xh = (x - m) * rstd = xhat + corr). Without taking it out, a channel with a large
+      // offset (|mean| * rstd = 4e6, long double's mean off by 2^-64 |mean|) gave
+      // dweight = 2.6e-12 where sum(dy * xhat) is 0 and dy = -4.
+      const Fin corr = batch && n > 0 ? A / n : 0;
+      const Fin sum_dy_xhat = Cc - corr * B;
       if (affine) {
         grads.weight(c) = static_cast<T>(static_cast<double>(sum_dy_xhat));
         grads.bias(c) = static_cast<T>(static_cast<double>(B));
@@ -755,6 +749,21 @@ class BatchNorm {
     unsigned out = 0;
     for (Fin k : coefficients) out |= leaves_acc(k);
     return out != 0;
+  }
+
+  /// Sums of channel c in long double around (mean, r): sum(xh), sum(dy), sum(dy * xh)
+  /// with xh = (x - mean) * r.
+  static std::array<long double, 3> wide_grad_sums(const T* x, const T* dy, const detail::ChannelView& v, Index c,
+                                                   long double mean, long double r) {
+    long double sa = 0, sb = 0, sc = 0;
+    detail::for_each_in_channel(v, c, [&](Index i) {
+      const long double gi = static_cast<double>(dy[i]);
+      const long double xh = (static_cast<long double>(static_cast<double>(x[i])) - mean) * r;
+      sa += xh;
+      sb += gi;
+      sc += gi * xh;
+    });
+    return {sa, sb, sc};
   }
 
   static std::vector<T> wide_backward(const T* x, const T* dy, const detail::ChannelView& v,
