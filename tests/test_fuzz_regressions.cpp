@@ -33,11 +33,20 @@
 //    for the mean's rounding, so dweight = sum(dy * xhat) came out as -2.6e-12 where it
 //    is 0 (dy = -4 everywhere; tolerance 3.4e-13). Replay inputs 299505 (seed 1) and
 //    271059 (seed 4), found with fuzz_layers_replay --seed.
+// 9. RMSNorm<float> ColMajor backward with rows whose sums overflow (the double
+//    fallback, row_backward_wide) and NaN/Inf inputs: GCC -O3 vectorized the fallback's
+//    loop behind a runtime overlap check, and the vector and scalar versions passed on
+//    NaNs of different signs, so dx written next to dy (scalar) and dx elsewhere
+//    (vector) differed in the sign of a NaN (input 12977 of --seed 6, seen as "dx
+//    differs between 1 and 3 threads"). The fallbacks are now scalar code
+//    (NORMKIT_SCALAR_CODE, core/config.hpp).
 #include <gtest/gtest.h>
 #include <normkit/normkit.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -271,6 +280,39 @@ TEST(BatchNormWideChannelTest, LargeOffsetGivesZeroDweight) {
   for (bool train : {true, false}) {
     check_offset_wide_channel<Eigen::RowMajor>(train);
     check_offset_wide_channel<Eigen::ColMajor>(train);
+  }
+}
+
+TEST(RMSNormColumnTest, NanSignDoesNotDependOnWhereDxIs) {
+  // Memory order of the [4, 1, 4] ColMajor tensors (rows of 4 features, k = 1).
+  const std::uint32_t xb[16] = {0x7f122d7f, 0x9e633000, 0x0f3c3400, 0x80000007, 0x7f0625ff, 0x7f38e57f,
+                                0x404e2c00, 0xff800000, 0xbf7e3000, 0x3f487800, 0xff800000, 0x00000000,
+                                0xc0636c00, 0x405a1400, 0xc0207400, 0x80000003};
+  const std::uint32_t db[16] = {0x00000000, 0xbf96d000, 0x7fc00000, 0xbe834000, 0x80000002, 0xff800000,
+                                0x80000001, 0x7f800000, 0x40144200, 0xbec2e000, 0x7fc00000, 0x7f800000,
+                                0x7fc00000, 0x80000003, 0x7f800000, 0x7fc00000};
+  using Map = Eigen::TensorMap<Eigen::Tensor<float, 3, Eigen::ColMajor>>;
+  std::vector<float> x(16), dy_dx(32, -7.25f), dx_far(16 + 1024, -7.25f);
+  std::memcpy(x.data(), xb, sizeof xb);
+  std::memcpy(dy_dx.data(), db, sizeof db);
+  normkit::RMSNorm<float> layer({4}, normkit::RMSNormOptions().eps(1000));
+  const float w[4] = {1.0075335958495435e-42f, -1.1098283837452551e-42f, 4.0077136079689768e-43f,
+                      -1.049572549779288e-42f};
+  for (Index i = 0; i < 4; ++i) layer.weight()(i) = w[i];
+  Map xm(x.data(), 4, 1, 4), dy(dy_dx.data(), 4, 1, 4);
+  Map dx_near(dy_dx.data() + 16, 4, 1, 4), dx_away(dx_far.data() + 512, 4, 1, 4);
+  Eigen::Tensor<float, 3, Eigen::ColMajor> y(4, 1, 4);
+  normkit::RMSNorm<float>::Cache cache;
+  normkit::RMSNorm<float>::Grads grads;
+  layer.forward(xm, y, cache);
+  layer.backward(xm, dy, cache, dx_near, grads);
+  layer.backward(xm, dy, cache, dx_away, grads);
+  for (Index i = 0; i < 16; ++i) {
+    std::uint32_t a = 0, b = 0;
+    std::memcpy(&a, dx_near.data() + i, 4);
+    std::memcpy(&b, dx_away.data() + i, 4);
+    EXPECT_EQ(a, b) << "dx at memory index " << i << ": " << dx_near.data()[i] << " next to dy, " << dx_away.data()[i]
+                    << " elsewhere";
   }
 }
 

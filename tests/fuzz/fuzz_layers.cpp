@@ -80,7 +80,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
 #ifdef NORMKIT_FUZZ_REPLAY
 // Plain replay: every file named on the command line (or in a directory named there),
-// then `--random N` pseudo-random inputs of 16..400 bytes.
+// then `--random N` pseudo-random inputs of 16..400 bytes (`--seed S` before it picks
+// another sequence than the default 12345, to explore beyond what CTest replays).
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -99,15 +100,18 @@ int replay(int argc, char** argv) {
     LLVMFuzzerTestOneInput(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size());
     ++files;
   };
+  std::uint32_t seed = 12345;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--random" && i + 1 < argc) {
+    if (a == "--seed" && i + 1 < argc) {
+      seed = static_cast<std::uint32_t>(std::stoul(argv[++i]));
+    } else if (a == "--random" && i + 1 < argc) {
       const long count = std::atol(argv[++i]);
-      std::mt19937 gen(12345);
+      std::mt19937 gen(seed);
       for (long r = 0; r < count; ++r) {
         std::vector<std::uint8_t> bytes(16 + gen() % 385);
         for (auto& b : bytes) b = static_cast<std::uint8_t>(gen());
-        g_input_name = "--random input " + std::to_string(r);
+        g_input_name = "--random input " + std::to_string(r) + " (seed " + std::to_string(seed) + ")";
         LLVMFuzzerTestOneInput(bytes.data(), bytes.size());
         ++randoms;
       }

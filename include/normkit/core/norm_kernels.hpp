@@ -126,7 +126,7 @@ bool fast_row(Acc mean, Acc rstd) {
 
 /// The whole row in a wider type: only for rows whose Acc sums overflowed.
 template <bool Center, class Acc, class T>
-void row_forward_wide(const T* x, T* y, Index n, Index stride, Acc eps, Affine<T> p,
+NORMKIT_SCALAR_CODE void row_forward_wide(const T* x, T* y, Index n, Index stride, Acc eps, Affine<T> p,
                       Acc& mean, Acc& rstd) {
   using Wd = wide_t<Acc>;
   // Around the shift s = x[0], as the Acc path: a double row at 1e207 with a spread of
@@ -142,6 +142,7 @@ void row_forward_wide(const T* x, T* y, Index n, Index stride, Acc eps, Affine<T
     ss += v * v;
   }
   const Wd r = Wd(1) / std::sqrt(ss / static_cast<Wd>(n) + static_cast<Wd>(eps));
+  NORMKIT_SCALAR_LOOP
   for (Index i = 0; i < n; ++i) {
     Wd v = ((static_cast<Wd>(x[i * stride]) - s) - m) * r;
     if (p.weight) v *= static_cast<Wd>(p.weight[i]);
@@ -458,7 +459,7 @@ EIGEN_DONT_INLINE void rows_forward_overlapped(const T* x, T* y, Index rows, Ind
 
 /// Row backward in a wider type (rows whose sums overflowed Acc).
 template <bool Center, class Acc, class T>
-void row_backward_wide(const T* x, const T* dy, T* dx, Index n, Index stride, Acc mean, Acc rstd,
+NORMKIT_SCALAR_CODE void row_backward_wide(const T* x, const T* dy, T* dx, Index n, Index stride, Acc mean, Acc rstd,
                        const T* w, Acc* dw, Acc* db) {
   using Wd = wide_t<Acc>;
   const Wd r = rstd, nn = static_cast<Wd>(n);
@@ -476,6 +477,7 @@ void row_backward_wide(const T* x, const T* dy, T* dx, Index n, Index stride, Ac
     sgx += g * ((static_cast<Wd>(x[i * stride]) - s) - m) * r;
   }
   const Wd mg = Center ? sg / nn : Wd(0), mgx = sgx / nn;
+  NORMKIT_SCALAR_LOOP
   for (Index i = 0; i < n; ++i) {
     const Wd xh = ((static_cast<Wd>(x[i * stride]) - s) - m) * r;
     const Wd d = static_cast<Wd>(dy[i * stride]);
