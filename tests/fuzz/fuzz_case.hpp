@@ -421,8 +421,7 @@ class Case {
     if (fwd_error) return;
 
     if (cfg_.threads > 1) {
-      std::vector<T> y1buf;
-      Map y1 = same_alignment(y, y1buf);
+      Eigen::Tensor<T, R, Layout> y1(arr(d));
       single.forward(Eigen::DefaultDevice(), x, y1, cache1);
       expect_bits(cfg_, "y", y.data(), y1.data(), n);
       if constexpr (is_bn) {
@@ -491,8 +490,7 @@ class Case {
     }
     if (bwd_error) return;
     if (cfg_.threads > 1) {
-      std::vector<T> dx1buf;
-      Map dx1 = same_alignment(dx, dx1buf);
+      Eigen::Tensor<T, R, Layout> dx1(arr(d));
       single.backward(Eigen::DefaultDevice(), x, dy, cache1, dx1, grads1);
       expect_bits(cfg_, "dx", dx.data(), dx1.data(), n);
       expect_bits(cfg_, "dweight", grads.weight.data(), grads1.weight.data(), grads.weight.size());
@@ -590,21 +588,6 @@ class Case {
     row("mean", want.mean);
     row("var", want.var);
     row("y reference", want.y);
-  }
-
-  /// A tensor of t's dimensions in `storage`, at the same address modulo 64 as t: the
-  /// one-thread run writes there, so that the comparison is of thread counts alone. A
-  /// compiler may peel a loop to align its stores, and its peeled scalar iterations may
-  /// take the sign of a NaN from another operand than its vector ones (GCC -O3, the
-  /// long-double fallback of the ColMajor RMSNorm backward: input 12977 of --seed 6), so
-  /// the sign of a NaN may differ between buffers of another alignment; values do not.
-  static Map same_alignment(const Map& t, std::vector<T>& storage) {
-    const std::size_t n = static_cast<std::size_t>(t.size()), pad = 64 / sizeof(T);
-    storage.assign(n + pad, T(-7.25f));
-    const auto want = reinterpret_cast<std::uintptr_t>(t.data()) % 64;
-    std::size_t off = 0;
-    while (reinterpret_cast<std::uintptr_t>(storage.data() + off) % 64 != want && off < pad) ++off;
-    return Map(storage.data() + off, t.dimensions());
   }
 
   static void dump_bits(const char* name, const T* v, Index n) {
