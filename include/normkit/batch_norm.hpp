@@ -386,7 +386,7 @@ class BatchNorm {
                                     std::vector<Fin>& corr, std::vector<Fin>& r, detail::ChannelRange cr) const {
     for (Index c = cr.begin; c < cr.end; ++c) {
       m[c] = static_cast<Acc>(mean[c]);
-      corr[c] = std::isfinite(mean[c]) ? mean[c] - static_cast<Fin>(m[c]) : 0;
+      corr[c] = detail::blend(std::isfinite(mean[c]), mean[c] - static_cast<Fin>(m[c]), Fin(0));
     }
     // In packets: with few values per channel (an eval forward of 256x512) the channels'
     // divisions and square roots one at a time took a fifth of the call.
@@ -400,6 +400,9 @@ class BatchNorm {
     return std::isfinite(mean) && std::isfinite(r) && std::fabs(mean) * r > 2;
   }
 
+  /// A comparison as 0 or 1, for loops without a branch (&& and || are branches).
+  static unsigned bit(bool b) { return static_cast<unsigned>(b); }
+
   /// A channel with finite statistics goes through the long-double path when the
   /// accumulation type cannot hold its intermediates: deviations x - mean beyond its
   /// range (values near its maximum), rstd below its smallest normal (std > 1e19 in
@@ -410,7 +413,6 @@ class BatchNorm {
     const Fin max_fin = std::numeric_limits<Fin>::max(), max_acc = std::numeric_limits<Acc>::max(),
               min_acc = std::numeric_limits<Acc>::min();
     const Fin fm = std::fabs(mean);
-    const auto bit = [](bool b) { return static_cast<unsigned>(b); };
     const unsigned finite = bit(fm <= max_fin) & bit(std::fabs(var) <= max_fin);  // NaN/Inf stay in their channel
     const Fin inf = std::numeric_limits<Fin>::infinity();  // a limit that nothing exceeds
     const Fin var_limit = batch ? max_acc * max_acc / 4 : inf;
@@ -422,7 +424,6 @@ class BatchNorm {
   /// 1 where a finite, nonzero coefficient is outside Acc's normal range, else 0.
   static unsigned leaves_acc(Fin k) {
     const Fin f = std::fabs(k);
-    const auto bit = [](bool b) { return static_cast<unsigned>(b); };
     return bit(f <= std::numeric_limits<Fin>::max()) & bit(k != 0) &
            (bit(f < std::numeric_limits<Acc>::min()) | bit(f > std::numeric_limits<Acc>::max()));
   }
@@ -584,7 +585,7 @@ class BatchNorm {
         }
         // Sums of finite values that overflowed Acc (dy * (x - m) near DBL_MAX): that
         // channel too is done in long double, around the mean forward used.
-        if (!red) {
+        if (!red && !finite_sums(sums.data(), C, cr)) {
           for (Index c = cr.begin; c < cr.end; ++c) {
             if (was_wide[static_cast<std::size_t>(c)] ||
                 (std::isfinite(sums[c]) && std::isfinite(sums[C + c]) && std::isfinite(sums[2 * C + c])) ||
@@ -689,6 +690,11 @@ class BatchNorm {
   /// the channels of cr. Device-independent and never inlined, like set_shift and map_coefficients: one
   /// copy of this arithmetic (and of the compiler's FMA contractions in it) serves
   /// every device, so the results are the same bits for any thread count.
+  ///
+  /// With few values per channel this is much of a backward (32x512: a third of it, one
+  /// channel at a time), so like map_coefficients it runs as one loop without a branch
+  /// over every channel (the compiler vectorizes it), and then, only where some channel
+  /// goes through long double, those channels again, in order.
   EIGEN_DONT_INLINE void grad_coefficients(const Cache& cache, const double* sums,
                                            const std::vector<const detail::WideChannel*>& was_wide,
                                            const std::vector<std::array<long double, 3>>& wide_sums,
@@ -696,53 +702,104 @@ class BatchNorm {
                                            std::vector<Acc>& a, std::vector<Acc>& b, std::vector<Acc>& k,
                                            std::vector<Acc>& g, std::vector<WideGrad>& wide) const {
     const Index C = C_;
-    const bool affine = opt_.affine(), batch = cache.batch_stats;
-    const double n = cache.count;
-    const Acc* m = cache.mean.data();
+    const bool batch = cache.batch_stats, with_n = batch && cache.count > 0;
+    const Fin n = cache.count;
+    const T* const wt = weight_.data();
+    T* const gw = grads.weight.data();
+    T* const gb = grads.bias.data();
+    const Acc* const rs = cache.invstd.data();
+    const detail::WideChannel* const* const ww = was_wide.data();
+    const auto pass = opt_.affine() ? (with_n ? &coefficient_pass<true, true> : &coefficient_pass<true, false>)
+                                    : (with_n ? &coefficient_pass<false, true> : &coefficient_pass<false, false>);
+    const bool any = pass(cr, C, n, batch, wt, rs, sums, ww, gw, gb, a.data(), b.data(), k.data(), g.data()) != 0;
+    if (!any) return;
+    // The channels forward did in long double (their sums exactly as computed, where
+    // they were not exchanged) and those whose coefficients leave Acc's range.
     for (Index c = cr.begin; c < cr.end; ++c) {
-      const detail::WideChannel* ww = was_wide[static_cast<std::size_t>(c)];
-      const Fin r = ww ? static_cast<Fin>(ww->invstd) : static_cast<Fin>(cache.invstd(c));
-      const Fin w = affine ? static_cast<Fin>(static_cast<double>(weight_(c))) : 1;
-      const bool exact = ww && exact_wide;
+      const detail::WideChannel* wc = ww[c];
+      const Fin r = wc ? static_cast<Fin>(wc->invstd) : static_cast<Fin>(rs[c]);
+      const Fin w = opt_.affine() ? static_cast<Fin>(static_cast<double>(wt[c])) : Fin(1);
       const std::size_t cs = static_cast<std::size_t>(c);
-      const Fin A = exact ? static_cast<Fin>(wide_sums[cs][0]) : sums[c],
-                B = exact ? static_cast<Fin>(wide_sums[cs][1]) : sums[C + c],
-                Cc = exact ? static_cast<Fin>(wide_sums[cs][2]) : sums[2 * C + c];
-      // In batch mode m is the rounded batch mean (a long-double channel's too, to long
-      // double); corr = A / n is what it misses, times rstd (the sums are of
-      // xh = (x - m) * rstd = xhat + corr). Without taking it out, a channel with a large
-      // offset (|mean| * rstd = 4e6, long double's mean off by 2^-64 |mean|) gave
-      // dweight = 2.6e-12 where sum(dy * xhat) is 0 and dy = -4.
-      const Fin corr = batch && n > 0 ? A / n : 0;
-      const Fin sum_dy_xhat = Cc - corr * B;
-      if (affine) {
-        grads.weight(c) = static_cast<T>(static_cast<double>(sum_dy_xhat));
-        grads.bias(c) = static_cast<T>(static_cast<double>(B));
+      const bool exact = wc && exact_wide;
+      const Fin B = exact ? static_cast<Fin>(wide_sums[cs][1]) : sums[C + c];
+      const GradCoefficients q =
+          exact ? grad_coefficient(with_n, n, w, r, static_cast<Fin>(wide_sums[cs][0]), B,
+                                   static_cast<Fin>(wide_sums[cs][2]))
+                : grad_coefficient(with_n, n, w, r, sums[c], B, sums[2 * C + c]);
+      if (!wc && !out_of_range({q.k, q.a, q.b})) continue;
+      if (opt_.affine()) {
+        gw[c] = static_cast<T>(static_cast<double>(q.sum_dy_xhat));
+        gb[c] = static_cast<T>(static_cast<double>(B));
       }
-      Fin k1 = w * r;
-      Fin a1 = 0, b1 = 0;
-      if (batch && n > 0) {
-        a1 = -r * sum_dy_xhat / n;
-        b1 = k1 * (-B / n + sum_dy_xhat / n * corr);  // k1 (-B / n - a1 corr / r)
-      }
-      if (ww || out_of_range({k1, a1, b1})) {
-        const long double mean =
-            ww ? ww->mean : static_cast<long double>(m[c]) + (corr != 0 ? static_cast<long double>(corr) / r : 0);
-        wide.push_back({c, mean, r, k1, batch && n > 0 ? B / n : 0, batch && n > 0 ? sum_dy_xhat / n : 0, batch});
-        a[c] = b[c] = k[c] = Acc(0);  // the vector pass writes 0; the wide pass the values
-        continue;
+      const long double mean =
+          wc ? wc->mean
+             : static_cast<long double>(cache.mean(c)) + (q.corr != 0 ? static_cast<long double>(q.corr) / r : 0);
+      wide.push_back({c, mean, r, q.k, with_n ? B / n : 0, with_n ? q.sum_dy_xhat / n : 0, batch});
+      a[c] = b[c] = k[c] = Acc(0);  // the vector pass writes 0; the wide pass the values
+      g[c] = Acc(1);
+    }
+  }
+
+  /// One channel's backward coefficients from its sums A = sum(xh), B = sum(dy),
+  /// Cc = sum(dy * xh), xh = (x - m) * r: dx = ((x - m) * a + dy) * k + b.
+  struct GradCoefficients {
+    Fin corr, sum_dy_xhat, k, a, b;
+  };
+  template <class WithN>
+  static GradCoefficients grad_coefficient(WithN with_n, Fin n, Fin w, Fin r, Fin A, Fin B, Fin Cc) {
+    // In batch mode m is the rounded batch mean (a long-double channel's too, to long
+    // double); corr = A / n is what it misses, times rstd (the sums are of
+    // xh = (x - m) * rstd = xhat + corr). Without taking it out, a channel with a large
+    // offset (|mean| * rstd = 4e6, long double's mean off by 2^-64 |mean|) gave
+    // dweight = 2.6e-12 where sum(dy * xhat) is 0 and dy = -4.
+    GradCoefficients q{};
+    q.corr = with_n ? A / n : Fin(0);
+    q.sum_dy_xhat = Cc - q.corr * B;
+    q.k = w * r;
+    q.a = with_n ? -r * q.sum_dy_xhat / n : Fin(0);
+    q.b = with_n ? q.k * (-B / n + q.sum_dy_xhat / n * q.corr) : Fin(0);  // k (-B / n - a corr / r)
+    return q;
+  }
+
+  /// grad_coefficients' pass over every channel of cr, without a branch; nonzero where
+  /// some channel needs the long-double pass. A function of its own for the restrict
+  /// qualifiers: with ten arrays, the vectorizer's run-time alias checks would be too many.
+  template <bool Affine, bool HasN>
+  static unsigned coefficient_pass(detail::ChannelRange cr, Index C, Fin n, bool batch, const T* wt, const Acc* rs,
+                                   const double* sums, const detail::WideChannel* const* ww, T* __restrict gw,
+                                   T* __restrict gb, Acc* __restrict a, Acc* __restrict b, Acc* __restrict k,
+                                   Acc* __restrict g) {
+    unsigned flags = 0;
+    for (Index c = cr.begin; c < cr.end; ++c) {
+      const Fin w = Affine ? static_cast<Fin>(static_cast<double>(wt[c])) : Fin(1);
+      const GradCoefficients q =
+          grad_coefficient(std::bool_constant<HasN>{}, n, w, rs[c], sums[c], sums[C + c], sums[2 * C + c]);
+      if (Affine) {
+        gw[c] = static_cast<T>(static_cast<double>(q.sum_dy_xhat));
+        gb[c] = static_cast<T>(static_cast<double>(sums[C + c]));
       }
       // With |k| <= 1, ((x - m) * (a k) + dy * k) * 1 + b: the inner sum cannot overflow
       // where dx does not (dy near the format's maximum), unless a k leaves Acc's range.
-      if (batch && std::fabs(k1) <= 1 && !out_of_range({a1 * k1})) {
-        a1 *= k1;
-        g[c] = static_cast<Acc>(k1);
-        k1 = 1;
-      }
-      a[c] = static_cast<Acc>(a1);
-      b[c] = static_cast<Acc>(b1);
-      k[c] = static_cast<Acc>(k1);
+      const Fin ak = q.a * q.k;
+      const bool fold = (bit(batch) & bit(std::fabs(q.k) <= 1) & (1u - leaves_acc(ak))) != 0;
+      const Acc kf = static_cast<Acc>(q.k);
+      a[c] = detail::blend(fold, static_cast<Acc>(ak), static_cast<Acc>(q.a));
+      b[c] = static_cast<Acc>(q.b);
+      k[c] = detail::blend(fold, Acc(1), kf);
+      g[c] = detail::blend(fold, kf, Acc(1));
+      flags |= bit(ww[c] != nullptr) | leaves_acc(q.k) | leaves_acc(q.a) | leaves_acc(q.b);
     }
+    return flags;
+  }
+
+  /// Whether A, B and Cc are finite for every channel of cr (a loop without a branch:
+  /// the compiler vectorizes it; NaN fails the comparison).
+  static bool finite_sums(const double* sums, Index C, detail::ChannelRange cr) {
+    const double max = std::numeric_limits<double>::max();
+    unsigned ok = 1;
+    for (Index c = cr.begin; c < cr.end; ++c)
+      ok &= bit(std::fabs(sums[c]) <= max) & bit(std::fabs(sums[C + c]) <= max) & bit(std::fabs(sums[2 * C + c]) <= max);
+    return ok != 0;
   }
 
   static bool out_of_range(std::initializer_list<Fin> coefficients) {

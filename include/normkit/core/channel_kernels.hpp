@@ -422,6 +422,10 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
       for (Index j = 0; j < nc; ++j) o[j] = Moments{n, bmean[j], bm2[j]};
     }
   });
+  if (bl.blocks == 1 && v.inner == 1) {  // a column a channel, each a block's moments (n > 0): merge copies
+    std::copy_n(work.data(), v.C, out);
+    return;
+  }
   for (Index c = 0; c < v.C; ++c)
     for (Index b = 0; b < bl.blocks; ++b)
       for (Index i = 0; i < v.inner; ++i) merge(out[c], work[static_cast<std::size_t>(b * cols + c * v.inner + i)]);
@@ -530,6 +534,29 @@ EIGEN_DONT_INLINE void chunk_grad_sums(const T* x, const T* dy, Index ld, Index 
   }
 }
 
+/// a[c], b[c], cc[c] += the sums of one block's columns of channel c (p: three per
+/// column, in column order). Never inlined: one copy for every device, so that NaNs of
+/// either sign combine in the same operand order for any thread count (the vectorized
+/// loop may order them otherwise than a scalar one).
+EIGEN_DONT_INLINE inline void add_block_sums(const double* __restrict p, Index C, Index inner, double* __restrict a,
+                           double* __restrict b, double* __restrict cc) {
+  if (inner == 1) {
+    for (Index c = 0; c < C; ++c) {
+      a[c] += p[3 * c];
+      b[c] += p[3 * c + 1];
+      cc[c] += p[3 * c + 2];
+    }
+    return;
+  }
+  for (Index c = 0; c < C; ++c)
+    for (Index i = 0; i < inner; ++i) {
+      const double* q = p + 3 * (c * inner + i);
+      a[c] += q[0];
+      b[c] += q[1];
+      cc[c] += q[2];
+    }
+}
+
 /// Per-channel A, B, Cc of d = (x - m) * r, m[C] and r[C] per channel (r null: 1):
 /// out[3 * C] as A[C], B[C], Cc[C]. SelfDy (dy null): B = A and Cc = sum(d^2), the
 /// moments around m.
@@ -564,12 +591,17 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
   const Index cols = v.cols(), groups = (cols + kColGroup - 1) / kColGroup;
   const Blocking bl = column_blocking(v);
   work.resize(static_cast<std::size_t>(3 * bl.blocks * cols));
-  AlignedVector<Acc> mcol(static_cast<std::size_t>(cols)), rcol(mcol.size());
-  for (Index c = 0, j = 0; c < v.C; ++c)
-    for (Index i = 0; i < v.inner; ++i, ++j) {  // each column's shift and scale
-      mcol[static_cast<std::size_t>(j)] = m[c];
-      rcol[static_cast<std::size_t>(j)] = r ? r[c] : Acc(1);
-    }
+  AlignedVector<Acc> mcol(static_cast<std::size_t>(cols)), rcol(mcol.size(), Acc(1));
+  if (v.inner == 1) {  // each column's shift and scale: with many channels, a copy
+    std::copy_n(m, v.C, mcol.data());
+    if (r) std::copy_n(r, v.C, rcol.data());
+  } else {
+    for (Index c = 0, j = 0; c < v.C; ++c)
+      for (Index i = 0; i < v.inner; ++i, ++j) {
+        mcol[static_cast<std::size_t>(j)] = m[c];
+        rcol[static_cast<std::size_t>(j)] = r ? r[c] : Acc(1);
+      }
+  }
   const double elems = double(bl.per_block * std::min(cols, kColGroup));
   parallel_for(dev, bl.blocks * groups, 2 * elems * sizeof(T), 4.0 * elems, [&](Index i0, Index i1) {
     for (Index i = i0; i < i1; ++i) {
@@ -583,12 +615,10 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
       }
     }
   });
-  for (Index c = 0; c < v.C; ++c)
-    for (Index b = 0; b < bl.blocks; ++b)
-      for (Index i = 0; i < v.inner; ++i) {
-        const double* p = work.data() + 3 * (b * cols + c * v.inner + i);
-        for (int q = 0; q < 3; ++q) out[q * v.C + c] += p[q];
-      }
+  // Each channel's sums in block order, its columns in order within a block (the same
+  // additions for any thread count); with one column a channel, a loop that vectorizes.
+  for (Index b = 0; b < bl.blocks; ++b)
+    add_block_sums(work.data() + 3 * b * cols, v.C, v.inner, out, out + v.C, out + 2 * v.C);
 }
 
 template <class T, class Acc, bool SelfDy = false, class Dev>

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -54,6 +55,27 @@ bool all_finite(const T* x, Index n, Index stride = 1) {
   for (Index i = 0; i < n; ++i)
     bad |= !(std::fabs(static_cast<F>(x[i * stride])) <= std::numeric_limits<F>::max());
   return !bad;
+}
+
+/// on ? x : y for a loop that should vectorize. float and double as a blend of their
+/// bits: written as a ternary, the compiler moves the (possibly trapping) arithmetic
+/// that makes x and y into two branches, and the vectorizer does not take branches.
+/// Other types (long double, which never vectorizes): the ternary.
+template <class F>
+F blend(bool on, F x, F y) {
+  if constexpr (std::is_same_v<F, float> || std::is_same_v<F, double>) {
+    using U = std::conditional_t<std::is_same_v<F, float>, std::uint32_t, std::uint64_t>;
+    U bx, by;
+    std::memcpy(&bx, &x, sizeof bx);
+    std::memcpy(&by, &y, sizeof by);
+    const U mask = U(0) - static_cast<U>(on);
+    const U r = (bx & mask) | (by & ~mask);
+    F out;
+    std::memcpy(&out, &r, sizeof out);
+    return out;
+  } else {
+    return on ? x : y;
+  }
 }
 
 namespace simd {
