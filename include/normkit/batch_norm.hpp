@@ -731,9 +731,10 @@ class BatchNorm {
         gw[c] = static_cast<T>(static_cast<double>(q.sum_dy_xhat));
         gb[c] = static_cast<T>(static_cast<double>(B));
       }
-      const long double mean =
-          wc ? wc->mean
-             : static_cast<long double>(cache.mean(c)) + (q.corr != 0 ? static_cast<long double>(q.corr) / r : 0);
+      // The mean the sums were taken around (forward's, in long double for its wide
+      // channels) plus what it missed, so that xhat in dx sums to 0 as in the vector pass.
+      const long double mean = (wc ? wc->mean : static_cast<long double>(cache.mean(c))) +
+                               (q.corr != 0 ? static_cast<long double>(q.corr) / r : 0);
       wide.push_back({c, mean, r, q.k, with_n ? B / n : 0, with_n ? q.sum_dy_xhat / n : 0, batch});
       a[c] = b[c] = k[c] = Acc(0);  // the vector pass writes 0; the wide pass the values
       g[c] = Acc(1);
