@@ -585,7 +585,10 @@ class BatchNorm {
         }
         // Sums of finite values that overflowed Acc (dy * (x - m) near DBL_MAX): that
         // channel too is done in long double, around the mean forward used.
-        if (!red && !finite_sums(sums.data(), C, cr)) {
+        const auto finite_sums = [&](Index q) {  // A, B or Cc of every channel of cr
+          return detail::all_finite(sums.data() + q * C + cr.begin, cr.size());
+        };
+        if (!red && !(finite_sums(0) && finite_sums(1) && finite_sums(2))) {
           for (Index c = cr.begin; c < cr.end; ++c) {
             if (was_wide[static_cast<std::size_t>(c)] ||
                 (std::isfinite(sums[c]) && std::isfinite(sums[C + c]) && std::isfinite(sums[2 * C + c])) ||
@@ -791,16 +794,6 @@ class BatchNorm {
       flags |= bit(ww[c] != nullptr) | leaves_acc(q.k) | leaves_acc(q.a) | leaves_acc(q.b);
     }
     return flags;
-  }
-
-  /// Whether A, B and Cc are finite for every channel of cr (a loop without a branch:
-  /// the compiler vectorizes it; NaN fails the comparison).
-  static bool finite_sums(const double* sums, Index C, detail::ChannelRange cr) {
-    const double max = std::numeric_limits<double>::max();
-    unsigned ok = 1;
-    for (Index c = cr.begin; c < cr.end; ++c)
-      ok &= bit(std::fabs(sums[c]) <= max) & bit(std::fabs(sums[C + c]) <= max) & bit(std::fabs(sums[2 * C + c]) <= max);
-    return ok != 0;
   }
 
   static bool out_of_range(std::initializer_list<Fin> coefficients) {

@@ -48,13 +48,20 @@ inline constexpr Index packet_size = Eigen::internal::unpacket_traits<packet_t<A
 /// max is false for inf and NaN, and the or of those runs in vectors, which matters
 /// where it is the common case's check (DyT's per-channel sums, every backward); half and
 /// bfloat16 are compared in Acc, where they are exact.
+/// (A contiguous run has a loop of its own: with the stride unknown, GCC vectorized
+/// neither.)
 template <class T>
 bool all_finite(const T* x, Index n, Index stride = 1) {
   using F = acc_t<T>;
-  bool bad = false;
-  for (Index i = 0; i < n; ++i)
-    bad |= !(std::fabs(static_cast<F>(x[i * stride])) <= std::numeric_limits<F>::max());
-  return !bad;
+  const auto bad = [](T v) {
+    return static_cast<unsigned>(!(std::fabs(static_cast<F>(v)) <= std::numeric_limits<F>::max()));
+  };
+  unsigned any = 0;
+  if (stride == 1)
+    for (Index i = 0; i < n; ++i) any |= bad(x[i]);
+  else
+    for (Index i = 0; i < n; ++i) any |= bad(x[i * stride]);
+  return any == 0;
 }
 
 /// on ? x : y for a loop that should vectorize. float and double as a blend of their
