@@ -1,6 +1,9 @@
 // simd.hpp's square roots: psqrt_exact must give the correctly rounded square root in
 // every lane (Eigen's psqrt does not on AVX-512: an estimate refined by Newton steps),
-// and inv_sqrt_plus the same bits as the scalar 1 / sqrt(v + eps) it replaces.
+// and inv_sqrt_plus the same bits as the scalar 1 / sqrt(v + eps) it replaces. The
+// scalar helpers of branch-free loops: blend picks its operand bit for bit (signed zeros,
+// NaN payloads), all_finite finds one non-finite value at any place, contiguous or
+// strided.
 #include <normkit/core/simd.hpp>
 
 #include <gtest/gtest.h>
@@ -66,6 +69,71 @@ TYPED_TEST(SimdSqrt, InvSqrtPlusMatchesTheScalarExpression) {
     for (std::size_t i = 0; i < v.size(); ++i)
       ASSERT_TRUE(same_bits(r[i], F(1) / std::sqrt(v[i] + eps))) << "1 / sqrt(" << v[i] << " + " << eps << ")";
   }
+}
+
+/// Values whose bits a select must keep: signed zeros, NaNs of either sign with a
+/// payload, infinities, subnormals, the largest finite value.
+template <class F>
+std::vector<F> special_values() {
+  using Bits = std::conditional_t<sizeof(F) == 4, std::uint32_t, std::uint64_t>;
+  std::vector<F> v = {F(0), -F(0), F(1.5), -F(2.25), std::numeric_limits<F>::denorm_min(),
+                      std::numeric_limits<F>::max(), std::numeric_limits<F>::infinity(),
+                      -std::numeric_limits<F>::infinity()};
+  const F nan = std::numeric_limits<F>::quiet_NaN();
+  Bits bits;
+  std::memcpy(&bits, &nan, sizeof bits);
+  for (Bits extra : {Bits(0), Bits(5), Bits(1) << (sizeof(F) * 8 - 1)}) {  // payload, sign
+    const Bits b = bits | extra;
+    F f;
+    std::memcpy(&f, &b, sizeof f);
+    v.push_back(f);
+  }
+  return v;
+}
+
+template <class F>
+class SimdHelpers : public ::testing::Test {};
+TYPED_TEST_SUITE(SimdHelpers, Floats);
+
+TYPED_TEST(SimdHelpers, BlendKeepsTheChosenOperandBitForBit) {
+  using F = TypeParam;
+  const std::vector<F> v = special_values<F>();
+  for (F x : v)
+    for (F y : v) {
+      EXPECT_TRUE(same_bits(normkit::detail::blend(true, x, y), x)) << x << " or " << y;
+      EXPECT_TRUE(same_bits(normkit::detail::blend(false, x, y), y)) << x << " or " << y;
+    }
+}
+
+TEST(SimdHelpers, LongDoubleBlendIsTheTernary) {
+  const long double x = -0.0L, y = 3.0L;
+  EXPECT_TRUE(std::signbit(normkit::detail::blend(true, x, y)));
+  EXPECT_EQ(normkit::detail::blend(true, x, y), 0.0L);
+  EXPECT_EQ(normkit::detail::blend(false, x, y), 3.0L);
+  EXPECT_TRUE(std::isnan(normkit::detail::blend(true, std::numeric_limits<long double>::quiet_NaN(), y)));
+}
+
+TYPED_TEST(SimdHelpers, AllFiniteFindsOneNonFiniteValueAnywhere) {
+  using F = TypeParam;
+  for (Index stride : {Index(1), Index(3)})
+    for (Index n = 0; n <= 40; ++n) {  // lengths around every packet size, and their tails
+      std::vector<F> x(static_cast<std::size_t>(n * stride), F(1));
+      if (n > 0) {
+        x.front() = std::numeric_limits<F>::max();
+        x.back() = -std::numeric_limits<F>::denorm_min();
+      }
+      EXPECT_TRUE(normkit::detail::all_finite(x.data(), n, stride)) << "n " << n << " stride " << stride;
+      for (F bad : {std::numeric_limits<F>::infinity(), -std::numeric_limits<F>::infinity(),
+                    std::numeric_limits<F>::quiet_NaN(), -std::numeric_limits<F>::quiet_NaN()})
+        for (Index i = 0; i < n * stride; ++i) {
+          const F keep = x[static_cast<std::size_t>(i)];
+          x[static_cast<std::size_t>(i)] = bad;
+          // Only the values at multiples of the stride are looked at.
+          EXPECT_EQ(normkit::detail::all_finite(x.data(), n, stride), i % stride != 0)
+              << bad << " at " << i << " of n " << n << " stride " << stride;
+          x[static_cast<std::size_t>(i)] = keep;
+        }
+    }
 }
 
 }  // namespace
