@@ -724,11 +724,10 @@ class BatchNorm {
       const Fin w = opt_.affine() ? static_cast<Fin>(static_cast<double>(wt[c])) : Fin(1);
       const std::size_t cs = static_cast<std::size_t>(c);
       const bool exact = wc && exact_wide;
-      const Fin B = exact ? static_cast<Fin>(wide_sums[cs][1]) : sums[C + c];
-      const GradCoefficients q =
-          exact ? grad_coefficient(with_n, n, w, r, static_cast<Fin>(wide_sums[cs][0]), B,
-                                   static_cast<Fin>(wide_sums[cs][2]))
-                : grad_coefficient(with_n, n, w, r, sums[c], B, sums[2 * C + c]);
+      const Fin A = exact ? static_cast<Fin>(wide_sums[cs][0]) : sums[c],
+                B = exact ? static_cast<Fin>(wide_sums[cs][1]) : sums[C + c],
+                Cc = exact ? static_cast<Fin>(wide_sums[cs][2]) : sums[2 * C + c];
+      const GradCoefficients q = grad_coefficient(with_n, n, w, r, A, B, Cc);
       if (!wc && !out_of_range({q.k, q.a, q.b})) continue;
       if (opt_.affine()) {
         gw[c] = static_cast<T>(static_cast<double>(q.sum_dy_xhat));

@@ -591,17 +591,9 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
   const Index cols = v.cols(), groups = (cols + kColGroup - 1) / kColGroup;
   const Blocking bl = column_blocking(v);
   work.resize(static_cast<std::size_t>(3 * bl.blocks * cols));
-  AlignedVector<Acc> mcol(static_cast<std::size_t>(cols)), rcol(mcol.size(), Acc(1));
-  if (v.inner == 1) {  // each column's shift and scale: with many channels, a copy
-    std::copy_n(m, v.C, mcol.data());
-    if (r) std::copy_n(r, v.C, rcol.data());
-  } else {
-    for (Index c = 0, j = 0; c < v.C; ++c)
-      for (Index i = 0; i < v.inner; ++i, ++j) {
-        mcol[static_cast<std::size_t>(j)] = m[c];
-        rcol[static_cast<std::size_t>(j)] = r ? r[c] : Acc(1);
-      }
-  }
+  // Each column's shift and scale.
+  const AlignedVector<Acc> mcol = expand_param<Acc>(m, v.C, v.inner, Acc(0)),
+                           rcol = expand_param<Acc>(r, v.C, v.inner, Acc(1));
   const double elems = double(bl.per_block * std::min(cols, kColGroup));
   parallel_for(dev, bl.blocks * groups, 2 * elems * sizeof(T), 4.0 * elems, [&](Index i0, Index i1) {
     for (Index i = i0; i < i1; ++i) {

@@ -64,23 +64,6 @@ struct TanhMap {
   EIGEN_STRONG_INLINE P slope(const P& u) const { return ptanh_grad_from_tanh(u); }
 };
 
-/// The per-position parameters of the row shape, in Acc: for inner == 1 the channel
-/// vector converted, else each channel's value repeated `inner` times; `fill` everywhere
-/// when p is null, so that the hot loop has one form (u * 1 + (-0) is u, bit for bit,
-/// signed zeros included).
-template <class Acc, class T>
-AlignedVector<Acc> expand_param(const T* p, Index C, Index inner, Acc fill) {
-  AlignedVector<Acc> out(static_cast<std::size_t>(C * inner), fill);
-  if (!p) return out;
-  if (inner == 1) {  // the common case (tokens x features), as one vectorized conversion
-    for (Index c = 0; c < C; ++c) out[static_cast<std::size_t>(c)] = static_cast<Acc>(p[c]);
-    return out;
-  }
-  for (Index c = 0; c < C; ++c)
-    std::fill(out.begin() + c * inner, out.begin() + (c + 1) * inner, static_cast<Acc>(p[c]));
-  return out;
-}
-
 inline bool use_rows(const Block3& v) {
   return v.inner == 1 || (v.inner < kRunMin && v.mid * v.inner <= kExpandMax);
 }

@@ -349,6 +349,23 @@ struct CacheLineAllocator {
 template <class T>
 using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
+/// Per-channel parameters by position, in Acc: for inner == 1 the channel vector
+/// converted, else each channel's value repeated `inner` times (DyT's row shape,
+/// BatchNorm's column sums); `fill` everywhere when p is null, so that the hot loop has
+/// one form (u * 1 + (-0) is u, bit for bit, signed zeros included).
+template <class Acc, class T>
+AlignedVector<Acc> expand_param(const T* p, Index C, Index inner, Acc fill) {
+  AlignedVector<Acc> out(static_cast<std::size_t>(C * inner), fill);
+  if (!p) return out;
+  if (inner == 1) {  // the common case (tokens x features), as one vectorized conversion
+    for (Index c = 0; c < C; ++c) out[static_cast<std::size_t>(c)] = static_cast<Acc>(p[c]);
+    return out;
+  }
+  for (Index c = 0; c < C; ++c)
+    std::fill(out.begin() + c * inner, out.begin() + (c + 1) * inner, static_cast<Acc>(p[c]));
+  return out;
+}
+
 /// Scratch memory reused across calls (it lives in a layer's Grads), so that the hot
 /// path does not allocate once the sizes are known. Cache-line aligned.
 template <class Acc>
