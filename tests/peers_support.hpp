@@ -12,8 +12,12 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -30,13 +34,38 @@ std::vector<double> as_double(const std::vector<T>& v) {
   return std::vector<double>(v.begin(), v.end());
 }
 
-/// Every |got - want| <= kUlps * epsilon(T) * scale: `scale` is the size of the terms
-/// an output is computed from (see NormScales), at least 1 in magnitude of the output.
+/// The spacing of T at 1, torch.finfo(dtype).eps: the next T after 1, minus 1. Not
+/// std::numeric_limits<Eigen::half>::epsilon(), which Eigen 3.4 gives as 2^-13 (half's
+/// is 2^-10).
+template <class T>
+double epsilon_of() {
+  using Bits = std::conditional_t<sizeof(T) == 2, std::uint16_t,
+                                  std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>>;
+  static_assert(sizeof(T) == sizeof(Bits));
+  const T one(1);
+  Bits u;
+  std::memcpy(&u, static_cast<const void*>(&one), sizeof u);
+  ++u;
+  T next;
+  std::memcpy(static_cast<void*>(&next), &u, sizeof u);
+  return static_cast<double>(next) - 1;
+}
+
+/// What normkit computes T in, and torch with it: float for the 16-bit storage types
+/// (half, bfloat16), T otherwise.
+template <class T>
+using compute_t = std::conditional_t<(sizeof(T) < sizeof(float)), float, T>;
+
+/// Every |got - want| <= kUlps * epsilon(compute_t<T>) * scale, plus for a 16-bit T
+/// epsilon(T) * |want| (normkit's result rounded to T: at most half that): `scale` is the
+/// size of the terms an output is computed from (see NormScales), at least 1 in
+/// magnitude of the output.
 template <class T>
 void expect_agree(const std::vector<double>& got, const std::vector<double>& want, double scale,
                   const std::string& what) {
   for (double w : want) scale = std::max(scale, std::abs(w));
-  nktest::expect_close(got, want, kUlps * std::numeric_limits<T>::epsilon() * scale, 0, what);
+  const double narrow = sizeof(T) < sizeof(float) ? epsilon_of<T>() : 0;
+  nktest::expect_close(got, want, kUlps * epsilon_of<compute_t<T>>() * scale, narrow, what);
 }
 
 template <class T>

@@ -3,8 +3,15 @@
 // compute the same numbers. Each case builds the layer both ways from the same options
 // and parameters, runs forward (training and inference) and backward, and compares every
 // output: y, dx, the parameter gradients, BatchNorm's running statistics over several
-// steps (unbiased variance, momentum or cumulative average), in float and double, in
-// both of normkit's layouts.
+// steps (unbiased variance, momentum or cumulative average), in float, double,
+// Eigen::half and Eigen::bfloat16, in both of normkit's layouts.
+//
+// half and bfloat16 (storage; normkit computes in float): torch runs in float on the same
+// inputs and parameters (rounded to the 16-bit type), and normkit's outputs must be that
+// float result rounded to the type. Not torch's own bfloat16 kernels: libtorch 1.13's
+// bfloat16 LayerNorm on this CPU is up to 3 ulp of bfloat16 from the exact result on the
+// same inputs (its dbias several ulp; normkit's are within half an ulp), and it has no
+// half LayerNorm at all ("LayerNormKernelImpl" not implemented for 'Half').
 //
 // libtorch 1.13 has LayerNorm and BatchNorm modules; it has no RMSNorm (torch 2.4 added
 // it) and no DyT, so those are the eager expressions of torch.nn.RMSNorm's and the DyT
@@ -26,12 +33,18 @@ namespace {
 
 using namespace nkpeers;
 
-/// A torch tensor of dtype T, logical dims `dims`, row-major values `data`.
+/// The dtype torch computes normkit's T in: double for double, float otherwise (T's
+/// accumulation type; for half and bfloat16 the inputs are already rounded to T).
+template <class T>
+constexpr torch::Dtype torch_dtype() {
+  return std::is_same_v<T, double> ? torch::kDouble : torch::kFloat;
+}
+
+/// A torch tensor of torch_dtype<T>(), logical dims `dims`, row-major values `data`.
 template <class T>
 torch::Tensor to_torch(const std::vector<Index>& dims, const std::vector<double>& data) {
-  const auto dtype = std::is_same_v<T, float> ? torch::kFloat : torch::kDouble;
   std::vector<int64_t> d(dims.begin(), dims.end());
-  return torch::tensor(data, torch::kDouble).reshape(d).to(dtype);
+  return torch::tensor(data, torch::kDouble).reshape(d).to(torch_dtype<T>());
 }
 
 std::vector<double> from_torch(const torch::Tensor& t) {
@@ -41,7 +54,7 @@ std::vector<double> from_torch(const torch::Tensor& t) {
 
 template <class T>
 class TorchPeer : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = ::testing::Types<float, double, Eigen::half, Eigen::bfloat16>;
 TYPED_TEST_SUITE(TorchPeer, Scalars);
 
 // ---- LayerNorm and RMSNorm: torch::nn::LayerNorm and torch.nn.RMSNorm's expression.
@@ -78,7 +91,7 @@ void check_trailing(const TrailingCase& c, bool affine, bool bias, bool default_
   const Inputs<T> in(n, seed, scale);
   const std::vector<double> w = nktest::quantized<T>(nktest::random_vector(features, seed + 2, 0.5, 1.5));
   const std::vector<double> b = nktest::quantized<T>(nktest::random_vector(features, seed + 3));
-  const double eps = default_eps ? (kLN ? 1e-5 : static_cast<double>(std::numeric_limits<T>::epsilon())) : 1e-3;
+  const double eps = default_eps ? (kLN ? 1e-5 : epsilon_of<T>()) : 1e-3;
   const std::string what = std::string(kLN ? "LayerNorm" : "RMSNorm") + " x " + dims_str(c.dims) + " over " +
                            dims_str(c.normalized) + (affine ? "" : ", no affine") + (bias ? "" : ", no bias") +
                            ", eps " + (default_eps ? "default" : "1e-3") + ", scale " + std::to_string(scale) +
@@ -117,7 +130,7 @@ void check_trailing(const TrailingCase& c, bool affine, bool bias, bool default_
   torch::Tensor Y;
   if constexpr (kLN) {
     torch::nn::LayerNorm m(torch::nn::LayerNormOptions(shape).eps(eps).elementwise_affine(affine));
-    m->to(std::is_same_v<T, float> ? torch::kFloat : torch::kDouble);
+    m->to(torch_dtype<T>());
     if (affine) {
       torch::NoGradGuard no_grad;
       m->weight.copy_(W);
@@ -214,7 +227,7 @@ void check_batch_norm(const BatchCase& c, std::optional<double> momentum, bool a
   if (R == 4) module = torch::nn::AnyModule(torch::nn::BatchNorm2d(opts));
   if (R == 5) module = torch::nn::AnyModule(torch::nn::BatchNorm3d(opts));
   auto m = module.ptr();
-  m->to(std::is_same_v<T, float> ? torch::kFloat : torch::kDouble);
+  m->to(torch_dtype<T>());
   torch::Tensor mw, mb;
   for (const auto& p : m->named_parameters()) (p.key() == "weight" ? mw : mb) = p.value();
   if (affine) {
@@ -242,14 +255,22 @@ void check_batch_norm(const BatchCase& c, std::optional<double> momentum, bool a
     Eigen::Tensor<T, R, L> y(x.dimensions()), dx(x.dimensions());
     typename normkit::BatchNorm<T>::Cache cache;
     typename normkit::BatchNorm<T>::Grads grads;
-    bn.forward(x, y, cache);
-    bn.backward(x, dy, cache, dx, grads);
-
     torch::Tensor rm, rv;
     for (const auto& buf : m->named_buffers()) {
       if (buf.key() == "running_mean") rm = buf.value();
       if (buf.key() == "running_var") rv = buf.value();
     }
+    // 16-bit T: normkit's running statistics are T, rounded at every update, torch's are
+    // float. Each step starts torch from normkit's, so that a step compares one update
+    // (one rounding) and the eval step the eval arithmetic alone.
+    if (sizeof(T) < sizeof(float)) {
+      torch::NoGradGuard no_grad;
+      rm.copy_(to_torch<T>({C}, values(bn.running_mean())));
+      rv.copy_(to_torch<T>({C}, values(bn.running_var())));
+    }
+    bn.forward(x, y, cache);
+    bn.backward(x, dy, cache, dx, grads);
+
     // In eval mode the statistics are the running ones (before this step: eval keeps them).
     std::vector<std::pair<double, double>> running;
     if (!training)
