@@ -2,7 +2,9 @@
 # The reliability jobs of CI (issue 7), in about 10 minutes on 2 cores:
 #   1. the whole test suite under AddressSanitizer + UndefinedBehaviorSanitizer (the
 #      `asan` preset; the exhaustive tanh test is left to the release run);
-#   2. the concurrency test under ThreadSanitizer;
+#   2. the concurrency test under ThreadSanitizer, and in the same clang build the
+#      header_warnings target (the headers under -Wconversion -Wsign-conversion ...
+#      -Werror; the release build compiles it with GCC);
 #   3. the libFuzzer target (ASan + UBSan) for FUZZ_SECONDS (default 120) from the
 #      seed corpus, reporting executions per second and in total;
 #   4. clang-tidy (.clang-tidy) over the headers, with the fuzz target's translation
@@ -30,11 +32,11 @@ UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
 fi
 
 if want tsan; then
-step "2/4 TSan: concurrent use of one layer and one ThreadPoolDevice"
+step "2/4 TSan: concurrent use of one layer and one ThreadPoolDevice; header_warnings with clang"
 cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_CXX_FLAGS="-fsanitize=thread -fno-omit-frame-pointer" \
   -DNORMKIT_BUILD_BENCH=OFF -DNORMKIT_PEERS=OFF -DNORMKIT_BUILD_EXAMPLES=OFF
-cmake --build build/tsan -j "$JOBS" --target test_concurrency
+cmake --build build/tsan -j "$JOBS" --target test_concurrency header_warnings
 TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" build/tsan/tests/test_concurrency
 
 fi

@@ -1,8 +1,9 @@
 // Compiled, never run: every layer's forward and backward for float, double, bfloat16
 // and half, both memory orders, one thread and a pool, built with -Wall -Wextra
-// -Wpedantic -Wshadow -Wconversion and more (tests/packaging.cmake), -Werror (and
-// -march=native where the build uses it), but without the flags our other binaries add. A warning that normkit's headers give a user's build fails the build here: with
-// GCC 12 on an AVX-512 machine they gave thousands (see core/config.hpp).
+// -Wpedantic -Wshadow -Wconversion -Wsign-conversion and more (tests/packaging.cmake),
+// -Werror (and -march=native where the build uses it), but without the flags our other
+// binaries add. A warning that normkit's headers give a user's build fails the build
+// here: with GCC 12 on an AVX-512 machine they gave thousands (see core/config.hpp).
 #include <normkit/normkit.hpp>
 
 namespace {

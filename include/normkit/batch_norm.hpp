@@ -263,18 +263,18 @@ class BatchNorm {
     const Index C = C_;
     // Statistics in Fin (wider than Acc); m[c] is the mean rounded to Acc and corr[c] the
     // rest of it (a large offset is not representable in Acc to the precision of the spread).
-    std::vector<Fin> mean(static_cast<std::size_t>(C)), var(mean.size()), corr(mean.size()), r(mean.size());
-    std::vector<Acc> m(mean.size());
+    detail::IndexVector<Fin> mean(C), var(C), corr(C), r(C);
+    detail::IndexVector<Acc> m(C);
     // y = (x - m) * a + b, b absorbing corr.
-    std::vector<Acc> a(m.size()), b(m.size()), rs(m.size());
+    detail::IndexVector<Acc> a(C), b(C), rs(C);
     std::vector<detail::WideChannel> wide;
     double count = 0;
-    std::vector<detail::Moments> mom;
+    detail::IndexVector<detail::Moments> mom;
     if (batch) {
       // Without a reducer the checks come first; with one, every process must join the
       // reductions, and the count that matters is the global one.
       if (!red && v.count() == 1) too_few_values(fn, dims);
-      mom.resize(static_cast<std::size_t>(C));
+      mom.resize(C);
       count = x.size() == 0 ? 0.0 : static_cast<double>(v.count());
       if (!red && count > 0 && v.row_path()) {
         // Channels whose values are rows of their own (NCHW) go a group at a time,
@@ -326,9 +326,9 @@ class BatchNorm {
   /// mean, var, corr, r and m.
   template <class Dev>
   void batch_statistics(const Dev& dev, const T* x, const detail::ChannelView& v,
-                        const std::vector<detail::Moments>& mom, double count, StatsReducer* red,
-                        detail::ChannelRange cr, std::vector<Fin>& mean, std::vector<Fin>& var,
-                        std::vector<Fin>& corr, std::vector<Fin>& r, std::vector<Acc>& m) const {
+                        const detail::IndexVector<detail::Moments>& mom, double count, StatsReducer* red,
+                        detail::ChannelRange cr, detail::IndexVector<Fin>& mean, detail::IndexVector<Fin>& var,
+                        detail::IndexVector<Fin>& corr, detail::IndexVector<Fin>& r, detail::IndexVector<Acc>& m) const {
     const Index C = C_;
     for (Index c = cr.begin; c < cr.end; ++c) {
       mean[c] = mom[c].mean;
@@ -345,11 +345,12 @@ class BatchNorm {
       // holds to the precision of its spread, and its pieces' means merged as doubles
       // lose the variance too. Around m, every x - m is exact: A = sum(x - m) and
       // Q = sum((x - m)^2) give both.
-      std::vector<char> offset(mean.size());
+      detail::IndexVector<char> offset(C);
       bool any = false;
       for (Index c = cr.begin; c < cr.end; ++c) any |= (offset[c] = offset_channel(mean[c], r[c])) != 0;
       if (any) {
-        std::vector<double> sums(static_cast<std::size_t>(3 * C)), work;
+        detail::IndexVector<double> sums(3 * C);
+        std::vector<double> work;
         detail::channel_grad_sums<T, Acc, true>(dev, x, nullptr, m.data(), nullptr, v, work, sums.data(), cr);
         if (red) red->allreduce_sum(sums.data(), 3 * C);
         for (Index c = cr.begin; c < cr.end; ++c) {
@@ -371,9 +372,9 @@ class BatchNorm {
   /// done in long double (`wide`, empty on entry).
   template <class Dev>
   void map_channels(const Dev& dev, const T* x, T* y, const detail::ChannelView& v, bool batch, double count,
-                    detail::ChannelRange cr, const std::vector<Fin>& mean, const std::vector<Fin>& var,
-                    const std::vector<Fin>& corr, const std::vector<Fin>& r, std::vector<Acc>& m,
-                    std::vector<Acc>& a, std::vector<Acc>& b, std::vector<Acc>& rs,
+                    detail::ChannelRange cr, const detail::IndexVector<Fin>& mean, const detail::IndexVector<Fin>& var,
+                    const detail::IndexVector<Fin>& corr, const detail::IndexVector<Fin>& r, detail::IndexVector<Acc>& m,
+                    detail::IndexVector<Acc>& a, detail::IndexVector<Acc>& b, detail::IndexVector<Acc>& rs,
                     std::vector<detail::WideChannel>& wide) const {
     map_coefficients(batch, count, mean, var, corr, r, cr, m, a, b, rs, wide);
     std::vector<T> wide_y = wide_forward(x, v, wide);
@@ -382,8 +383,8 @@ class BatchNorm {
     detail::scatter_channels(wide_y.data(), v, wide, y);
   }
 
-  EIGEN_DONT_INLINE void set_shift(const std::vector<Fin>& mean, const std::vector<Fin>& var, std::vector<Acc>& m,
-                                    std::vector<Fin>& corr, std::vector<Fin>& r, detail::ChannelRange cr) const {
+  EIGEN_DONT_INLINE void set_shift(const detail::IndexVector<Fin>& mean, const detail::IndexVector<Fin>& var, detail::IndexVector<Acc>& m,
+                                    detail::IndexVector<Fin>& corr, detail::IndexVector<Fin>& r, detail::ChannelRange cr) const {
     for (Index c = cr.begin; c < cr.end; ++c) {
       m[c] = static_cast<Acc>(mean[c]);
       corr[c] = detail::blend(std::isfinite(mean[c]), mean[c] - static_cast<Fin>(m[c]), Fin(0));
@@ -466,16 +467,16 @@ class BatchNorm {
   /// Local moments to global ones: one sum of (n, n * mean) gives the global mean mu,
   /// a second one sum(M2 + n * (mean - mu)^2), a sum of non-negative terms. Returns the
   /// global count.
-  EIGEN_DONT_INLINE double reduce_moments(StatsReducer& red, std::vector<detail::Moments>& mom) const {
+  EIGEN_DONT_INLINE double reduce_moments(StatsReducer& red, detail::IndexVector<detail::Moments>& mom) const {
     const Index C = C_;
-    std::vector<double> buf(static_cast<std::size_t>(2 * C));
+    detail::IndexVector<double> buf(2 * C);
     for (Index c = 0; c < C; ++c) {
       buf[c] = mom[c].n;
       buf[C + c] = mom[c].n * mom[c].mean;
     }
     red.allreduce_sum(buf.data(), 2 * C);
     const double count = C ? buf[0] : 0;
-    std::vector<double> m2(static_cast<std::size_t>(C));
+    detail::IndexVector<double> m2(C);
     for (Index c = 0; c < C; ++c) {
       const double mu = count > 0 ? buf[C + c] / count : 0;
       const double d = mom[c].mean - mu;
@@ -490,7 +491,7 @@ class BatchNorm {
     return count;
   }
 
-  EIGEN_DONT_INLINE void update_running(const std::vector<Fin>& mean, const std::vector<Fin>& var, double count) {
+  EIGEN_DONT_INLINE void update_running(const detail::IndexVector<Fin>& mean, const detail::IndexVector<Fin>& var, double count) {
     ++num_batches_tracked_;
     const Fin f = opt_.momentum() ? *opt_.momentum() : Fin(1) / static_cast<Fin>(num_batches_tracked_);
     const Fin unbias = static_cast<Fin>(count) / (count - 1);
@@ -541,30 +542,29 @@ class BatchNorm {
     // all processes; for the channels forward sent through long double, the same sums
     // around its long-double mean, from there. With batch statistics A is 0 but for the
     // rounding of the mean, and grad_coefficients takes that out of Cc.
-    std::vector<double> sums(static_cast<std::size_t>(3 * C), 0.0);
+    detail::IndexVector<double> sums(3 * C, 0.0);
     const Acc* m = cache.mean.data();
-    std::vector<const detail::WideChannel*> was_wide(static_cast<std::size_t>(C), nullptr);
+    detail::IndexVector<const detail::WideChannel*> was_wide(C, nullptr);
     // By channel: wide_sums, the long-double channels' sums as computed (sum(dy) of values
     // near DBL_MAX can exceed double although mean(dy) does not; with a reducer, the
     // double sums are what the processes exchange), and overflowed, the channels found
     // to overflow here. Both are sized on first use, which is rare (filling them with
     // long doubles took 7% of the call at 256x512); groups may run concurrently.
-    std::vector<std::array<long double, 3>> wide_sums;
-    std::vector<detail::WideChannel> overflowed;
+    detail::IndexVector<std::array<long double, 3>> wide_sums;
+    detail::IndexVector<detail::WideChannel> overflowed;
     std::once_flag wide_sized;
     auto size_wide = [&] {
       std::call_once(wide_sized, [&] {
-        wide_sums.resize(static_cast<std::size_t>(C));
-        overflowed.resize(static_cast<std::size_t>(C));
+        wide_sums.resize(C);
+        overflowed.resize(C);
       });
     };
-    for (const detail::WideChannel& w : cache.wide) was_wide[static_cast<std::size_t>(w.channel)] = &w;
+    for (const detail::WideChannel& w : cache.wide) was_wide[w.channel] = &w;
     if (!cache.wide.empty()) size_wide();
     // dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), k = weight * rstd (batch mode),
     // dx = k * dy (eval), as the map ((x - m) * a + dy) * k + b. Channels whose
     // coefficients leave Acc's range are done in long double.
-    std::vector<Acc> a(static_cast<std::size_t>(C)), b(a.size()), k(a.size()), g(a.size(), Acc(1)),
-        zero(a.size(), Acc(0));
+    detail::IndexVector<Acc> a(C), b(C), k(C), g(C, Acc(1)), zero(C, Acc(0));
     // Without a reducer, channels whose values are rows of their own (NCHW: the row path)
     // go a group at a time, sums then map, so that the map reads x and dy again from the
     // cache the sums left them in rather than from memory (on a pool, the groups in
@@ -581,7 +581,7 @@ class BatchNorm {
           sums[w.channel] = static_cast<double>(ws[0]);
           sums[C + w.channel] = static_cast<double>(ws[1]);
           sums[2 * C + w.channel] = static_cast<double>(ws[2]);
-          wide_sums[static_cast<std::size_t>(w.channel)] = ws;
+          wide_sums[w.channel] = ws;
         }
         // Sums of finite values that overflowed Acc (dy * (x - m) near DBL_MAX): that
         // channel too is done in long double, around the mean forward used.
@@ -590,7 +590,7 @@ class BatchNorm {
         };
         if (!red && !(finite_sums(0) && finite_sums(1) && finite_sums(2))) {
           for (Index c = cr.begin; c < cr.end; ++c) {
-            if (was_wide[static_cast<std::size_t>(c)] ||
+            if (was_wide[c] ||
                 (std::isfinite(sums[c]) && std::isfinite(sums[C + c]) && std::isfinite(sums[2 * C + c])) ||
                 !(std::isfinite(m[c]) && std::isfinite(cache.invstd(c))))  // NaN/Inf statistics: not an overflow
               continue;
@@ -606,9 +606,9 @@ class BatchNorm {
             const long double mean = batch && cache.count > 0 ? mc + sa / static_cast<long double>(cache.count) : mc;
             const long double r = static_cast<long double>(cache.invstd(c));
             size_wide();
-            overflowed[static_cast<std::size_t>(c)] = {c, mean, r};
-            was_wide[static_cast<std::size_t>(c)] = &overflowed[static_cast<std::size_t>(c)];
-            wide_sums[static_cast<std::size_t>(c)] = wide_grad_sums(x.data(), dy.data(), v, c, mean, r);
+            overflowed[c] = {c, mean, r};
+            was_wide[c] = &overflowed[c];
+            wide_sums[c] = wide_grad_sums(x.data(), dy.data(), v, c, mean, r);
           }
         }
         if (red) red->allreduce_sum(sums.data(), 3 * C);  // one group of all channels
@@ -637,10 +637,10 @@ class BatchNorm {
   /// Forward's per-channel map coefficients from the statistics; the channels that
   /// leave Acc's range go to `wide`. Device-independent and never inlined (see
   /// grad_coefficients).
-  EIGEN_DONT_INLINE void map_coefficients(bool batch, double count, const std::vector<Fin>& mean,
-                                          const std::vector<Fin>& var, const std::vector<Fin>& corr,
-                                          const std::vector<Fin>& r, detail::ChannelRange cr, std::vector<Acc>& m,
-                                          std::vector<Acc>& a, std::vector<Acc>& b, std::vector<Acc>& rs,
+  EIGEN_DONT_INLINE void map_coefficients(bool batch, double count, const detail::IndexVector<Fin>& mean,
+                                          const detail::IndexVector<Fin>& var, const detail::IndexVector<Fin>& corr,
+                                          const detail::IndexVector<Fin>& r, detail::ChannelRange cr, detail::IndexVector<Acc>& m,
+                                          detail::IndexVector<Acc>& a, detail::IndexVector<Acc>& b, detail::IndexVector<Acc>& rs,
                                           std::vector<detail::WideChannel>& wide) const {
     // Every channel's coefficients and is_wide flag in one loop without a branch (it
     // vectorizes: with few values per channel these channel loops are much of an eval
@@ -699,11 +699,11 @@ class BatchNorm {
   /// over every channel (the compiler vectorizes it), and then, only where some channel
   /// goes through long double, those channels again, in order.
   EIGEN_DONT_INLINE void grad_coefficients(const Cache& cache, const double* sums,
-                                           const std::vector<const detail::WideChannel*>& was_wide,
-                                           const std::vector<std::array<long double, 3>>& wide_sums,
+                                           const detail::IndexVector<const detail::WideChannel*>& was_wide,
+                                           const detail::IndexVector<std::array<long double, 3>>& wide_sums,
                                            bool exact_wide, detail::ChannelRange cr, Grads& grads,
-                                           std::vector<Acc>& a, std::vector<Acc>& b, std::vector<Acc>& k,
-                                           std::vector<Acc>& g, std::vector<WideGrad>& wide) const {
+                                           detail::IndexVector<Acc>& a, detail::IndexVector<Acc>& b, detail::IndexVector<Acc>& k,
+                                           detail::IndexVector<Acc>& g, std::vector<WideGrad>& wide) const {
     const Index C = C_;
     const bool batch = cache.batch_stats, with_n = batch && cache.count > 0;
     const Fin n = cache.count;
@@ -722,11 +722,10 @@ class BatchNorm {
       const detail::WideChannel* wc = ww[c];
       const Fin r = wc ? static_cast<Fin>(wc->invstd) : static_cast<Fin>(rs[c]);
       const Fin w = opt_.affine() ? static_cast<Fin>(static_cast<double>(wt[c])) : Fin(1);
-      const std::size_t cs = static_cast<std::size_t>(c);
       const bool exact = wc && exact_wide;
-      const Fin A = exact ? static_cast<Fin>(wide_sums[cs][0]) : sums[c],
-                B = exact ? static_cast<Fin>(wide_sums[cs][1]) : sums[C + c],
-                Cc = exact ? static_cast<Fin>(wide_sums[cs][2]) : sums[2 * C + c];
+      const Fin A = exact ? static_cast<Fin>(wide_sums[c][0]) : sums[c],
+                B = exact ? static_cast<Fin>(wide_sums[c][1]) : sums[C + c],
+                Cc = exact ? static_cast<Fin>(wide_sums[c][2]) : sums[2 * C + c];
       const GradCoefficients q = grad_coefficient(with_n, n, w, r, A, B, Cc);
       if (!wc && !out_of_range({q.k, q.a, q.b})) continue;
       if (opt_.affine()) {

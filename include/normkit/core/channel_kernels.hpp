@@ -280,7 +280,7 @@ EIGEN_DONT_INLINE void tile_moments(const T* x, Index ld, Index nr, Index nc, co
         q[k] = pmadd(d, d, q[k]);
       }
   }
-  alignas(64) Acc ms[K * W], as[K * W], qs[K * W];
+  alignas(64) Acc ms[std::size_t(K * W)], as[std::size_t(K * W)], qs[std::size_t(K * W)];
   for (Index k = 0; k < np; ++k) {
     Eigen::internal::pstore(ms + k * W, s[k]);
     Eigen::internal::pstore(as + k * W, a[k]);
@@ -378,7 +378,7 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
     const Index nch = cr.size(), segs = v.segs(), items = v.outer * nch * segs;
     work.resize(static_cast<std::size_t>(items));
     const Index len = std::min(v.inner, kSeg);
-    parallel_for(dev, items, double(len * sizeof(T)), 3.0 * double(len), [&](Index i0, Index i1) {
+    parallel_for(dev, items, double(len) * double(sizeof(T)), 3.0 * double(len), [&](Index i0, Index i1) {
       for (Index i = i0; i < i1; ++i) {
         const Index row = i / segs, sg = i % segs;
         const Index n = std::min(kSeg, v.inner - sg * kSeg);
@@ -570,7 +570,7 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
     const Index nch = cr.size(), segs = v.segs(), items = v.outer * nch * segs;
     work.resize(static_cast<std::size_t>(3 * items));
     const Index len = std::min(v.inner, kSeg);
-    parallel_for(dev, items, double(2 * len * sizeof(T)), 3.0 * double(len), [&](Index i0, Index i1) {
+    parallel_for(dev, items, 2.0 * double(len) * double(sizeof(T)), 3.0 * double(len), [&](Index i0, Index i1) {
       for (Index i = i0; i < i1; ++i) {
         const Index row = i / segs, sg = i % segs, c = cr.channel_of(row);
         const Index n = std::min(kSeg, v.inner - sg * kSeg);

@@ -420,7 +420,7 @@ EIGEN_DONT_INLINE void rows_forward_overlapped(const T* x, T* y, Index rows, Ind
       const P ps = pset1<P>(sums.s);
       with_fast(st, [&](auto fast) {
         const RowMap<decltype(fast)::value, HasW, HasB, Acc, T> map(st, p);
-        P a[K], q[K];
+        P a[std::size_t(K)], q[std::size_t(K)];
         for (Index k = 0; k < K; ++k) a[k] = q[k] = zero<Acc>();
         auto add = [&](Index k, const T* at) {
           if constexpr (Center) {
@@ -771,7 +771,7 @@ void cols_forward(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, Affine
     r[k] = pdiv(one, psqrt_exact(padd(var, pe)));
     store_n<Acc>(mean + k * W, padd(s[k], padd(d[k], e[k])), cnt(k), false);
     store_n<Acc>(rstd + k * W, r[k], cnt(k), false);
-    alignas(64) Acc tmp[W];
+    alignas(64) Acc tmp[std::size_t(W)];
     Eigen::internal::pstore(tmp, var);
     for (Index l = 0; l < cnt(k); ++l) overflow |= !std::isfinite(tmp[l]);
   }
@@ -855,7 +855,7 @@ void cols_backward(const T* x, const T* dy, T* dx, Index F, Index ld, Index nc, 
     A[k] = c;
     B[k] = psub(zero<Acc>(), pmul(r[k], mg));
     C[k] = psub(zero<Acc>(), pmul(r[k], mgx));
-    alignas(64) Acc tmp[4][W];
+    alignas(64) Acc tmp[4][std::size_t(W)];
     Eigen::internal::pstore(tmp[0], mg);
     Eigen::internal::pstore(tmp[1], mgx);
     Eigen::internal::pstore(tmp[2], B[k]);

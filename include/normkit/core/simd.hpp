@@ -171,7 +171,7 @@ EIGEN_STRONG_INLINE P psqrt_exact(const P& x) {
       return _mm_sqrt_pd(x);
   }
 #endif
-  constexpr int W = Eigen::internal::unpacket_traits<P>::size;
+  constexpr std::size_t W = Eigen::internal::unpacket_traits<P>::size;
   alignas(64) Acc v[W];
   Eigen::internal::pstore(v, x);
   for (Acc& e : v) e = std::sqrt(e);

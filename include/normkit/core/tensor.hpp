@@ -69,10 +69,24 @@ using enable_if_device_tensors_t = std::enable_if_t<is_device_v<D> && (is_tensor
 
 template <class X>
 std::vector<Index> dims_of(const X& x) {
-  std::vector<Index> d(traits_of<X>::rank);
-  for (int i = 0; i < traits_of<X>::rank; ++i) d[i] = x.dimension(i);
+  std::vector<Index> d;
+  d.reserve(traits_of<X>::rank);
+  for (std::size_t i = 0; i < std::size_t{traits_of<X>::rank}; ++i) d.push_back(x.dimension(i));
   return d;
 }
+
+/// A std::vector subscripted by the library's signed Index: the per-channel (per-row,
+/// per-position) arrays the kernels index with channel numbers, without a cast at each
+/// subscript (and warning-free under -Wsign-conversion).
+template <class T>
+class IndexVector : public std::vector<T> {
+ public:
+  IndexVector() = default;
+  explicit IndexVector(Index n, const T& value = T()) : std::vector<T>(static_cast<std::size_t>(n), value) {}
+  T& operator[](Index i) { return std::vector<T>::operator[](static_cast<std::size_t>(i)); }
+  const T& operator[](Index i) const { return std::vector<T>::operator[](static_cast<std::size_t>(i)); }
+  void resize(Index n) { std::vector<T>::resize(static_cast<std::size_t>(n)); }
+};
 
 inline Index product(const std::vector<Index>& d, std::size_t first, std::size_t last) {
   Index p = 1;
@@ -100,17 +114,17 @@ inline Block3 block3(const std::vector<Index>& dims, bool row_major, std::size_t
 /// in PyTorch. A ColMajor tensor stores several `mid` dims in column-major order; this
 /// gives, for each memory position inside `mid`, the parameter index. Empty when the
 /// two orders agree (RowMajor, or a single `mid` dim).
-inline std::vector<Index> mid_permutation(const std::vector<Index>& dims, bool row_major,
-                                          std::size_t first, std::size_t last) {
-  std::vector<Index> perm;
+inline IndexVector<Index> mid_permutation(const std::vector<Index>& dims, bool row_major, std::size_t first,
+                                          std::size_t last) {
+  IndexVector<Index> perm;
   if (row_major || last - first < 2) return perm;
   const Index n = product(dims, first, last);
-  perm.resize(static_cast<std::size_t>(n));
+  perm.resize(n);
   std::vector<Index> idx(last - first, 0);
   for (Index m = 0; m < n; ++m) {  // m walks memory (column-major) order
     Index logical = 0;
     for (std::size_t k = 0; k < idx.size(); ++k) logical = logical * dims[first + k] + idx[k];
-    perm[static_cast<std::size_t>(m)] = logical;
+    perm[m] = logical;
     for (std::size_t k = 0; k < idx.size(); ++k) {
       if (++idx[k] < dims[first + k]) break;
       idx[k] = 0;

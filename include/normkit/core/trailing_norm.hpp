@@ -159,7 +159,7 @@ class TrailingNorm {
     const bool stream = simd::stream_output<T>(x.size(), 2);
     const bool overlap =
         !stream && static_cast<std::size_t>(x.size()) * sizeof(T) <= kOverlapBytes;
-    const std::vector<Index> fperm = param_permutation(dims, row_major);
+    const IndexVector<Index> fperm = param_permutation(dims, row_major);
     const Eigen::Tensor<T, 1> w = permuted(weight_, fperm), b = permuted(bias_, fperm);
     const Affine<T> p{affine_ ? (fperm.empty() ? weight_.data() : w.data()) : nullptr,
                       has_bias_ ? (fperm.empty() ? bias_.data() : b.data()) : nullptr};
@@ -188,7 +188,7 @@ class TrailingNorm {
           if (stream) simd::stream_fence();
         });
       } else {
-        const std::vector<Index> perm = row_permutation(dims);
+        const IndexVector<Index> perm = row_permutation(dims);
         const Index tiles = (rows + kColTile - 1) / kColTile;
         parallel_for(dev, tiles, 2.0 * double(F * kColTile) * double(sizeof(T)), 10.0 * double(F * kColTile),
                      [&](Index t0, Index t1) {
@@ -248,7 +248,7 @@ class TrailingNorm {
     const T* xp = x.data();
     const T* dyp = dy.data();
     T* dxp = dx.data();
-    const std::vector<Index> fperm = param_permutation(dims, row_major);
+    const IndexVector<Index> fperm = param_permutation(dims, row_major);
     const Eigen::Tensor<T, 1> w = permuted(weight_, fperm);
     const T* wp = affine_ ? (fperm.empty() ? weight_.data() : w.data()) : nullptr;
     const Index nparts = (affine_ ? 1 : 0) + (has_bias_ ? 1 : 0);
@@ -259,7 +259,7 @@ class TrailingNorm {
     const Acc* mean = nullptr;
     if constexpr (Center) mean = cache.mean.data();
     const Acc* rstd = cache.rstd.data();
-    const std::vector<Index> perm = row_major ? std::vector<Index>() : row_permutation(dims);
+    const IndexVector<Index> perm = row_major ? IndexVector<Index>() : row_permutation(dims);
     const bool has_bias = has_bias_;
     const bool stream = simd::stream_output<T>(x.size(), 3);
 
@@ -298,7 +298,7 @@ class TrailingNorm {
     // Combine the block partials in block order, in column groups fixed by F (see
     // sum_blocks): the same bits for any thread count.
     const Index groups = (F + kSumColumns - 1) / kSumColumns;
-    parallel_for(dev, groups, double(kSumColumns * bl.blocks * nparts * sizeof(Acc)),
+    parallel_for(dev, groups, double(kSumColumns * bl.blocks * nparts) * double(sizeof(Acc)),
                  double(kSumColumns * bl.blocks * nparts), [&](Index g0, Index g1) {
                    Acc sw[kSumColumns], sb[kSumColumns];
                    for (Index gi = g0; gi < g1; ++gi) {
@@ -356,18 +356,18 @@ class TrailingNorm {
   }
 
   /// For memory position m inside the normalized block, the parameter index.
-  std::vector<Index> param_permutation(const std::vector<Index>& dims, bool row_major) const {
+  IndexVector<Index> param_permutation(const std::vector<Index>& dims, bool row_major) const {
     return mid_permutation(dims, row_major, dims.size() - shape_.size(), dims.size());
   }
 
   /// For memory position c among a ColMajor tensor's rows, the row-major row index.
-  std::vector<Index> row_permutation(const std::vector<Index>& dims) const {
+  IndexVector<Index> row_permutation(const std::vector<Index>& dims) const {
     return mid_permutation(dims, false, 0, dims.size() - shape_.size());
   }
 
   /// The parameter vector in the order x stores its normalized block (empty when that
   /// is the parameter order already: use the parameter itself).
-  static Eigen::Tensor<T, 1> permuted(const Eigen::Tensor<T, 1>& p, const std::vector<Index>& perm) {
+  static Eigen::Tensor<T, 1> permuted(const Eigen::Tensor<T, 1>& p, const IndexVector<Index>& perm) {
     if (perm.empty() || p.size() == 0) return Eigen::Tensor<T, 1>();
     Eigen::Tensor<T, 1> out(p.size());
     for (Index m = 0; m < p.size(); ++m) out(m) = p(perm[m]);
