@@ -284,7 +284,7 @@ class BatchNorm {
         // are the same as in one group of all.
         std::mutex wide_mutex;
         detail::for_each_channel_group(dev, v, sizeof(T), [&](const auto& d, detail::ChannelRange cr, bool concurrent) {
-          std::vector<detail::Moments> local_work;
+          detail::IndexVector<detail::Moments> local_work;
           std::vector<detail::WideChannel> group_wide;
           detail::channel_moments(d, x.data(), v, concurrent ? local_work : moments_work_, mom.data(), cr);
           batch_statistics(d, x.data(), v, mom, count, nullptr, cr, mean, var, corr, r, m);
@@ -838,7 +838,7 @@ class BatchNorm {
   Eigen::Tensor<T, 1> weight_, bias_;               // [C], empty without affine
   Eigen::Tensor<T, 1> running_mean_, running_var_;  // [C], empty without track_running_stats
   std::int64_t num_batches_tracked_ = 0;
-  std::vector<detail::Moments> moments_work_;  // reused scratch of the statistics pass
+  detail::IndexVector<detail::Moments> moments_work_;  // reused scratch of the statistics pass
 };
 
 }  // namespace normkit

@@ -368,7 +368,7 @@ EIGEN_DONT_INLINE inline void merge_chunk(double na, double nb, Index nc, const 
 /// Per-channel moments of x, out[C] (row path: the channels of cr only, the others
 /// untouched). `work` is scratch reused across calls.
 template <class T, class Dev>
-void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vector<Moments>& work,
+void channel_moments(const Dev& dev, const T* x, const ChannelView& v, IndexVector<Moments>& work,
                      Moments* out, ChannelRange cr) {
   using Acc = acc_t<T>;
   constexpr Index W = packet_size<Acc>;
@@ -376,26 +376,26 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
   if (v.size() == 0) return;
   if (v.row_path()) {
     const Index nch = cr.size(), segs = v.segs(), items = v.outer * nch * segs;
-    work.resize(static_cast<std::size_t>(items));
+    work.resize(items);
     const Index len = std::min(v.inner, kSeg);
     parallel_for(dev, items, double(len) * double(sizeof(T)), 3.0 * double(len), [&](Index i0, Index i1) {
       for (Index i = i0; i < i1; ++i) {
         const Index row = i / segs, sg = i % segs;
         const Index n = std::min(kSeg, v.inner - sg * kSeg);
         const Index off = cr.run_offset(v, row) + sg * kSeg;
-        work[static_cast<std::size_t>(i)] = segment_moments<Acc>(x + off, n);
+        work[i] = segment_moments<Acc>(x + off, n);
       }
     });
     for (Index c = cr.begin; c < cr.end; ++c)
       for (Index o = 0; o < v.outer; ++o)
         for (Index sg = 0; sg < segs; ++sg)
-          merge(out[c], work[static_cast<std::size_t>((o * nch + c - cr.begin) * segs + sg)]);
+          merge(out[c], work[(o * nch + c - cr.begin) * segs + sg]);
     return;
   }
   eigen_assert(cr.begin == 0 && cr.end == v.C && "the column path takes all channels");
   const Index cols = v.cols(), groups = (cols + kColGroup - 1) / kColGroup;
   const Blocking bl = column_blocking(v);
-  work.resize(static_cast<std::size_t>(bl.blocks * cols));
+  work.resize(bl.blocks * cols);
   const Index crows = chunk_rows<T>(v);
   const double elems = double(bl.per_block * std::min(cols, kColGroup));
   parallel_for(dev, bl.blocks * groups, elems * sizeof(T), 4.0 * elems, [&](Index i0, Index i1) {
@@ -428,11 +428,11 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vect
   }
   for (Index c = 0; c < v.C; ++c)
     for (Index b = 0; b < bl.blocks; ++b)
-      for (Index i = 0; i < v.inner; ++i) merge(out[c], work[static_cast<std::size_t>(b * cols + c * v.inner + i)]);
+      for (Index i = 0; i < v.inner; ++i) merge(out[c], work[b * cols + c * v.inner + i]);
 }
 
 template <class T, class Dev>
-void channel_moments(const Dev& dev, const T* x, const ChannelView& v, std::vector<Moments>& work,
+void channel_moments(const Dev& dev, const T* x, const ChannelView& v, IndexVector<Moments>& work,
                      Moments* out) {
   channel_moments(dev, x, v, work, out, all_channels(v));
 }

@@ -213,7 +213,7 @@ EIGEN_DONT_INLINE bool scaled_params(const T* __restrict w, Acc alpha, Index C, 
 /// The per-channel sums of backward, [C] each, in Acc.
 template <class Acc>
 struct ChannelGrads {
-  std::vector<Acc> dscale, dshift, dpc;
+  IndexVector<Acc> dscale, dshift, dpc;
 };
 
 /// The backward of one packet: dx, and the three sums accumulated into ds, dh, dq.
@@ -475,9 +475,9 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                          h += sj[kSumColumns + j];
                          q += sj[2 * kSumColumns + j];
                          if (++pos < v.inner) continue;
-                         g.dscale[static_cast<std::size_t>(c)] = s;
-                         g.dshift[static_cast<std::size_t>(c)] = h;
-                         g.dpc[static_cast<std::size_t>(c)] = q;
+                         g.dscale[c] = s;
+                         g.dshift[c] = h;
+                         g.dpc[c] = q;
                          s = h = q = 0;
                          pos = 0;
                          ++c;
@@ -529,9 +529,9 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                        h += pi[1];
                        q += pi[2];
                      }
-                   g.dscale[static_cast<std::size_t>(c)] = s;
-                   g.dshift[static_cast<std::size_t>(c)] = h;
-                   g.dpc[static_cast<std::size_t>(c)] = q;
+                   g.dscale[c] = s;
+                   g.dshift[c] = h;
+                   g.dpc[c] = q;
                  }
                });
   return g;

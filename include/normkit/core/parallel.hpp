@@ -93,7 +93,7 @@ struct PoolRun {
     Index end = 0;
   };
   Index n = 0, parts = 0;
-  std::vector<Share> shares;  // one per participant
+  IndexVector<Share> shares;  // one per participant
   std::atomic<Index> joined{1}, done{0};
   /// Lingering helpers (see Lingerers) that were handed this run and have not let go of it.
   std::atomic<int> holders{0};
@@ -102,10 +102,10 @@ struct PoolRun {
   const Eigen::ThreadPoolDevice* device = nullptr;
 
   PoolRun(Index items, Index parts_, Index participants)
-      : n(items), parts(parts_), shares(static_cast<std::size_t>(participants)) {
+      : n(items), parts(parts_), shares(participants) {
     for (Index t = 0; t < participants; ++t) {
-      shares[static_cast<std::size_t>(t)].next.store(parts * t / participants, std::memory_order_relaxed);
-      shares[static_cast<std::size_t>(t)].end = parts * (t + 1) / participants;
+      shares[t].next.store(parts * t / participants, std::memory_order_relaxed);
+      shares[t].end = parts * (t + 1) / participants;
     }
   }
   Index begin(Index p) const { return n * p / parts; }
@@ -113,7 +113,7 @@ struct PoolRun {
   void work(Index self) {
     const Index participants = static_cast<Index>(shares.size());
     for (Index i = 0; i < participants; ++i) {
-      Share& share = shares[static_cast<std::size_t>((self + i) % participants)];
+      Share& share = shares[(self + i) % participants];
       if (share.next.load(std::memory_order_relaxed) >= share.end) continue;
       for (Index p; (p = share.next.fetch_add(1, std::memory_order_relaxed)) < share.end;) {
         call(body, begin(p), begin(p + 1));

@@ -82,7 +82,8 @@ template <class T>
 class IndexVector : public std::vector<T> {
  public:
   IndexVector() = default;
-  explicit IndexVector(Index n, const T& value = T()) : std::vector<T>(static_cast<std::size_t>(n), value) {}
+  explicit IndexVector(Index n) : std::vector<T>(static_cast<std::size_t>(n)) {}
+  IndexVector(Index n, const T& value) : std::vector<T>(static_cast<std::size_t>(n), value) {}
   T& operator[](Index i) { return std::vector<T>::operator[](static_cast<std::size_t>(i)); }
   const T& operator[](Index i) const { return std::vector<T>::operator[](static_cast<std::size_t>(i)); }
   void resize(Index n) { std::vector<T>::resize(static_cast<std::size_t>(n)); }
