@@ -33,11 +33,11 @@ namespace {
 
 using namespace nkpeers;
 
-/// The dtype torch computes normkit's T in: double for double, float otherwise (T's
-/// accumulation type; for half and bfloat16 the inputs are already rounded to T).
+/// The dtype torch computes normkit's T in: compute_t<T> (for half and bfloat16 the
+/// inputs are already rounded to T).
 template <class T>
 constexpr torch::Dtype torch_dtype() {
-  return std::is_same_v<T, double> ? torch::kDouble : torch::kFloat;
+  return std::is_same_v<compute_t<T>, double> ? torch::kDouble : torch::kFloat;
 }
 
 /// A torch tensor of torch_dtype<T>(), logical dims `dims`, row-major values `data`.

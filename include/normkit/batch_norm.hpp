@@ -96,6 +96,9 @@ class BatchNorm {
   /// its 29 extra bits and 2^1024 range hold every float intermediate (squares included)
   /// and it runs several times faster than x87; long double for double data.
   using Fin = std::conditional_t<std::is_same_v<Acc, float>, double, long double>;
+  /// Per-channel arrays, subscripted by channel.
+  using FinVec = detail::IndexVector<Fin>;
+  using AccVec = detail::IndexVector<Acc>;
 
  public:
 
@@ -263,10 +266,10 @@ class BatchNorm {
     const Index C = C_;
     // Statistics in Fin (wider than Acc); m[c] is the mean rounded to Acc and corr[c] the
     // rest of it (a large offset is not representable in Acc to the precision of the spread).
-    detail::IndexVector<Fin> mean(C), var(C), corr(C), r(C);
-    detail::IndexVector<Acc> m(C);
+    FinVec mean(C), var(C), corr(C), r(C);
+    AccVec m(C);
     // y = (x - m) * a + b, b absorbing corr.
-    detail::IndexVector<Acc> a(C), b(C), rs(C);
+    AccVec a(C), b(C), rs(C);
     std::vector<detail::WideChannel> wide;
     double count = 0;
     detail::IndexVector<detail::Moments> mom;
@@ -327,8 +330,8 @@ class BatchNorm {
   template <class Dev>
   void batch_statistics(const Dev& dev, const T* x, const detail::ChannelView& v,
                         const detail::IndexVector<detail::Moments>& mom, double count, StatsReducer* red,
-                        detail::ChannelRange cr, detail::IndexVector<Fin>& mean, detail::IndexVector<Fin>& var,
-                        detail::IndexVector<Fin>& corr, detail::IndexVector<Fin>& r, detail::IndexVector<Acc>& m) const {
+                        detail::ChannelRange cr, FinVec& mean, FinVec& var,
+                        FinVec& corr, FinVec& r, AccVec& m) const {
     const Index C = C_;
     for (Index c = cr.begin; c < cr.end; ++c) {
       mean[c] = mom[c].mean;
@@ -372,9 +375,9 @@ class BatchNorm {
   /// done in long double (`wide`, empty on entry).
   template <class Dev>
   void map_channels(const Dev& dev, const T* x, T* y, const detail::ChannelView& v, bool batch, double count,
-                    detail::ChannelRange cr, const detail::IndexVector<Fin>& mean, const detail::IndexVector<Fin>& var,
-                    const detail::IndexVector<Fin>& corr, const detail::IndexVector<Fin>& r, detail::IndexVector<Acc>& m,
-                    detail::IndexVector<Acc>& a, detail::IndexVector<Acc>& b, detail::IndexVector<Acc>& rs,
+                    detail::ChannelRange cr, const FinVec& mean, const FinVec& var,
+                    const FinVec& corr, const FinVec& r, AccVec& m,
+                    AccVec& a, AccVec& b, AccVec& rs,
                     std::vector<detail::WideChannel>& wide) const {
     map_coefficients(batch, count, mean, var, corr, r, cr, m, a, b, rs, wide);
     std::vector<T> wide_y = wide_forward(x, v, wide);
@@ -383,8 +386,8 @@ class BatchNorm {
     detail::scatter_channels(wide_y.data(), v, wide, y);
   }
 
-  EIGEN_DONT_INLINE void set_shift(const detail::IndexVector<Fin>& mean, const detail::IndexVector<Fin>& var, detail::IndexVector<Acc>& m,
-                                    detail::IndexVector<Fin>& corr, detail::IndexVector<Fin>& r, detail::ChannelRange cr) const {
+  EIGEN_DONT_INLINE void set_shift(const FinVec& mean, const FinVec& var, AccVec& m,
+                                    FinVec& corr, FinVec& r, detail::ChannelRange cr) const {
     for (Index c = cr.begin; c < cr.end; ++c) {
       m[c] = static_cast<Acc>(mean[c]);
       corr[c] = detail::blend(std::isfinite(mean[c]), mean[c] - static_cast<Fin>(m[c]), Fin(0));
@@ -491,7 +494,7 @@ class BatchNorm {
     return count;
   }
 
-  EIGEN_DONT_INLINE void update_running(const detail::IndexVector<Fin>& mean, const detail::IndexVector<Fin>& var, double count) {
+  EIGEN_DONT_INLINE void update_running(const FinVec& mean, const FinVec& var, double count) {
     ++num_batches_tracked_;
     const Fin f = opt_.momentum() ? *opt_.momentum() : Fin(1) / static_cast<Fin>(num_batches_tracked_);
     const Fin unbias = static_cast<Fin>(count) / (count - 1);
@@ -564,7 +567,7 @@ class BatchNorm {
     // dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), k = weight * rstd (batch mode),
     // dx = k * dy (eval), as the map ((x - m) * a + dy) * k + b. Channels whose
     // coefficients leave Acc's range are done in long double.
-    detail::IndexVector<Acc> a(C), b(C), k(C), g(C, Acc(1)), zero(C, Acc(0));
+    AccVec a(C), b(C), k(C), g(C, Acc(1)), zero(C, Acc(0));
     // Without a reducer, channels whose values are rows of their own (NCHW: the row path)
     // go a group at a time, sums then map, so that the map reads x and dy again from the
     // cache the sums left them in rather than from memory (on a pool, the groups in
@@ -637,10 +640,10 @@ class BatchNorm {
   /// Forward's per-channel map coefficients from the statistics; the channels that
   /// leave Acc's range go to `wide`. Device-independent and never inlined (see
   /// grad_coefficients).
-  EIGEN_DONT_INLINE void map_coefficients(bool batch, double count, const detail::IndexVector<Fin>& mean,
-                                          const detail::IndexVector<Fin>& var, const detail::IndexVector<Fin>& corr,
-                                          const detail::IndexVector<Fin>& r, detail::ChannelRange cr, detail::IndexVector<Acc>& m,
-                                          detail::IndexVector<Acc>& a, detail::IndexVector<Acc>& b, detail::IndexVector<Acc>& rs,
+  EIGEN_DONT_INLINE void map_coefficients(bool batch, double count, const FinVec& mean,
+                                          const FinVec& var, const FinVec& corr,
+                                          const FinVec& r, detail::ChannelRange cr, AccVec& m,
+                                          AccVec& a, AccVec& b, AccVec& rs,
                                           std::vector<detail::WideChannel>& wide) const {
     // Every channel's coefficients and is_wide flag in one loop without a branch (it
     // vectorizes: with few values per channel these channel loops are much of an eval
@@ -702,8 +705,8 @@ class BatchNorm {
                                            const detail::IndexVector<const detail::WideChannel*>& was_wide,
                                            const detail::IndexVector<std::array<long double, 3>>& wide_sums,
                                            bool exact_wide, detail::ChannelRange cr, Grads& grads,
-                                           detail::IndexVector<Acc>& a, detail::IndexVector<Acc>& b, detail::IndexVector<Acc>& k,
-                                           detail::IndexVector<Acc>& g, std::vector<WideGrad>& wide) const {
+                                           AccVec& a, AccVec& b, AccVec& k,
+                                           AccVec& g, std::vector<WideGrad>& wide) const {
     const Index C = C_;
     const bool batch = cache.batch_stats, with_n = batch && cache.count > 0;
     const Fin n = cache.count;

@@ -37,7 +37,8 @@ class AllreduceReducer : public StatsReducer {
         char msg[MPI_MAX_ERROR_STRING];
         int len = 0;
         MPI_Error_string(rc, msg, &len);
-        detail::fail("mpi::AllreduceReducer::allreduce_sum: MPI_Allreduce failed: ", std::string(msg, static_cast<std::size_t>(len)));
+        detail::fail("mpi::AllreduceReducer::allreduce_sum: MPI_Allreduce failed: ",
+                     std::string(msg, static_cast<std::size_t>(len)));
       }
     }
   }
