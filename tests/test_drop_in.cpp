@@ -2,7 +2,8 @@
 // out = x + norm(x) W, written once against the common surface (forward, backward,
 // Cache, Grads, weight()) and instantiated unchanged with LayerNorm, RMSNorm and DyT.
 // Its backward is checked against finite differences of its own loss, and a few SGD
-// steps must lower that loss, for each of the three layers.
+// steps must lower that loss, for each of the three layers. The same surface takes
+// every dense Eigen tensor a user may hold: Eigen::TensorFixedSize and maps of it too.
 #include <normkit/normkit.hpp>
 
 #include "test_support.hpp"
@@ -141,6 +142,98 @@ TYPED_TEST(DropInTest, TrainingLowersTheLossOnOneAndTwoThreads) {
   }
   // The layer's part is bitwise thread-invariant; Eigen's contraction also is at this size.
   EXPECT_EQ(final_loss[0], final_loss[1]);
+}
+
+// ---- Fixed-size tensors: the same surface, the same bits as Eigen::Tensor. ----
+
+template <class Layer>
+Layer channels_last(Index features) {
+  if constexpr (std::is_same_v<Layer, normkit::BatchNorm<float>>)
+    return Layer(features, normkit::BatchNormOptions().channel_axis(-1));
+  else
+    return Layer(features);
+}
+
+template <class Dst, class Src>
+void copy_into(Dst& dst, const Src& src) {
+  std::copy(src.data(), src.data() + src.size(), dst.data());
+}
+
+template <class T>
+std::vector<T> flat(const T* p, Index n) {
+  return std::vector<T>(p, p + n);
+}
+
+template <class Layer, int Layout>
+void expect_fixed_size_matches_dynamic() {
+  using Fixed = Eigen::TensorFixedSize<float, Eigen::Sizes<3, 5, 7>, Layout>;
+  using Dynamic = Eigen::Tensor<float, 3, Layout>;
+  const Index n = 3 * 5 * 7;
+  Fixed x, dy, y, dx, y_map;
+  const auto xv = nktest::random_vector(n, 45), dyv = nktest::random_vector(n, 46);
+  std::copy(xv.begin(), xv.end(), x.data());
+  std::copy(dyv.begin(), dyv.end(), dy.data());
+  Dynamic xd(3, 5, 7), dyd(3, 5, 7), yd(3, 5, 7), dxd(3, 5, 7);
+  copy_into(xd, x);
+  copy_into(dyd, dy);
+
+  Layer fixed_layer = channels_last<Layer>(7), dynamic_layer = channels_last<Layer>(7);
+  typename Layer::Cache fixed_cache, dynamic_cache;
+  typename Layer::Grads fixed_grads, dynamic_grads;
+  fixed_layer.forward(x, y, fixed_cache);
+  fixed_layer.backward(x, dy, fixed_cache, dx, fixed_grads);
+  dynamic_layer.forward(xd, yd, dynamic_cache);
+  dynamic_layer.backward(xd, dyd, dynamic_cache, dxd, dynamic_grads);
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y.data(), n), flat(yd.data(), n))) << "y";
+  EXPECT_TRUE(nktest::bitwise_equal(flat(dx.data(), n), flat(dxd.data(), n))) << "dx";
+  EXPECT_TRUE(nktest::bitwise_equal(nktest::values(fixed_grads.weight), nktest::values(dynamic_grads.weight)))
+      << "dweight";
+  EXPECT_TRUE(std::all_of(y.data(), y.data() + n, [](float v) { return v != 0 && std::isfinite(v); }));
+
+  // Maps of fixed-size tensors (const input), on a thread pool, in inference.
+  dynamic_layer.forward(xd, yd);
+  const Eigen::TensorMap<const Fixed> x_map(x.data(), 3, 5, 7);
+  Eigen::TensorMap<Fixed> out_map(y_map.data(), 3, 5, 7);
+  nktest::on_threads(2, [&](const auto& dev) { dynamic_layer.forward(dev, x_map, out_map); });
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y_map.data(), n), flat(yd.data(), n))) << "y through maps";
+}
+
+template <class Layer>
+class FixedSizeTest : public ::testing::Test {};
+using FloatLayers = ::testing::Types<normkit::LayerNorm<float>, normkit::RMSNorm<float>, normkit::DyT<float>,
+                                     normkit::BatchNorm<float>>;
+struct FloatLayerNames {
+  template <class L>
+  static std::string GetName(int) {
+    if (std::is_same_v<L, normkit::LayerNorm<float>>) return "LayerNorm";
+    if (std::is_same_v<L, normkit::RMSNorm<float>>) return "RMSNorm";
+    if (std::is_same_v<L, normkit::DyT<float>>) return "DyT";
+    return "BatchNorm";
+  }
+};
+TYPED_TEST_SUITE(FixedSizeTest, FloatLayers, FloatLayerNames);
+
+TYPED_TEST(FixedSizeTest, FixedSizeTensorsAndTheirMapsGiveTheBitsOfTensors) {
+  expect_fixed_size_matches_dynamic<TypeParam, Eigen::RowMajor>();
+  expect_fixed_size_matches_dynamic<TypeParam, Eigen::ColMajor>();
+}
+
+TEST(FixedSizeTest, AWrongFixedShapeThrowsWithTheShape) {
+  normkit::LayerNorm<float> ln(8);
+  Eigen::TensorFixedSize<float, Eigen::Sizes<2, 6>, Eigen::RowMajor> x, y;
+  x.setConstant(1.5f);
+  y.setConstant(-3.0f);
+  EXPECT_THROW(
+      {
+        try {
+          ln.forward(x, y);
+        } catch (const normkit::Error& e) {
+          EXPECT_STREQ(e.what(), "LayerNorm::forward: x has 6 features, expected 8 (x is [2, 6])");
+          throw;
+        }
+      },
+      normkit::Error);
+  EXPECT_TRUE(std::all_of(y.data(), y.data() + y.size(), [](float v) { return v == -3.0f; }));
 }
 
 }  // namespace

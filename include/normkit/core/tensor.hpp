@@ -28,27 +28,38 @@ struct tensor_traits {
   static constexpr bool value = false;
 };
 
-template <class S, int R, int Opt, class I>
-struct tensor_traits<Eigen::Tensor<S, R, Opt, I>> {
-  static constexpr bool value = true;
-  using scalar = S;
-  static constexpr int rank = R;
-  static constexpr bool row_major = (Opt & Eigen::RowMajor) != 0;
-  static constexpr bool writable = true;
-};
-
-template <class S, int R, int Opt, class I, int MapOpt, template <class> class MP>
-struct tensor_traits<Eigen::TensorMap<Eigen::Tensor<S, R, Opt, I>, MapOpt, MP>> {
+/// What the layers accept: Eigen::Tensor, Eigen::TensorFixedSize, and TensorMaps of
+/// either (const for inputs); dense storage, any layout.
+template <class S, std::ptrdiff_t R, int Opt, bool Writable>
+struct dense_traits {
   static constexpr bool value = true;
   using scalar = std::remove_const_t<S>;
-  static constexpr int rank = R;
+  static constexpr int rank = static_cast<int>(R);
   static constexpr bool row_major = (Opt & Eigen::RowMajor) != 0;
-  static constexpr bool writable = !std::is_const_v<S>;
+  static constexpr bool writable = Writable && !std::is_const_v<S>;
 };
+
+template <class S, int R, int Opt, class I>
+struct tensor_traits<Eigen::Tensor<S, R, Opt, I>> : dense_traits<S, R, Opt, true> {};
+
+template <class S, class Dims, int Opt, class I>
+struct tensor_traits<Eigen::TensorFixedSize<S, Dims, Opt, I>> : dense_traits<S, Dims::count, Opt, true> {};
+
+template <class S, int R, int Opt, class I, int MapOpt, template <class> class MP>
+struct tensor_traits<Eigen::TensorMap<Eigen::Tensor<S, R, Opt, I>, MapOpt, MP>>
+    : dense_traits<S, R, Opt, true> {};
 
 template <class S, int R, int Opt, class I, int MapOpt, template <class> class MP>
 struct tensor_traits<Eigen::TensorMap<const Eigen::Tensor<S, R, Opt, I>, MapOpt, MP>>
-    : tensor_traits<Eigen::TensorMap<Eigen::Tensor<const S, R, Opt, I>, MapOpt, MP>> {};
+    : dense_traits<S, R, Opt, false> {};
+
+template <class S, class Dims, int Opt, class I, int MapOpt, template <class> class MP>
+struct tensor_traits<Eigen::TensorMap<Eigen::TensorFixedSize<S, Dims, Opt, I>, MapOpt, MP>>
+    : dense_traits<S, Dims::count, Opt, true> {};
+
+template <class S, class Dims, int Opt, class I, int MapOpt, template <class> class MP>
+struct tensor_traits<Eigen::TensorMap<const Eigen::TensorFixedSize<S, Dims, Opt, I>, MapOpt, MP>>
+    : dense_traits<S, Dims::count, Opt, false> {};
 
 template <class X>
 using traits_of = tensor_traits<std::remove_cv_t<std::remove_reference_t<X>>>;
