@@ -49,6 +49,17 @@ inline constexpr Index kExpandMax = 1 << 16;  // longest expanded row (C * inner
 inline constexpr Index kForwardAhead = 16384;  // a row of 4096 floats: as far as LayerNorm's pass 2 asks
 inline constexpr Index kBackwardAhead = 1024;  // 4 KiB measured slower on Zen 3 and the Xeon
 inline constexpr Index kRowTile = 16384;      // row shape: columns per work item (whole rows: page-long runs for the prefetcher)
+/// Row shape, backward: the fewest rows of a block (one partial of 3 * row length each).
+/// The partials of blocks that a helper ran are read by the thread that sums them, and
+/// the helper's next call writes them again: each of their lines crosses the cores twice
+/// a call. With 16-row blocks that made the helper of a 2-thread DyT backward of 128x768
+/// floats finish ~5 us after the caller (of 18); 64-row blocks: 2-thread mean 17.9-18.7
+/// -> 13.8-14.7 us, 1 thread unchanged.
+inline constexpr Index kBlockRows = 64;
+/// Rows one strip of backward_strips_cached runs down at a time: with more, its strided
+/// walk has more lines in flight than the prefetchers follow (DyT backward of 512x768
+/// floats 1.4x slower in 64-row strips).
+inline constexpr Index kStripRows = 16;
 
 /// u = tanh(p x) and du/d(p x) = 1 - u^2 (DyT).
 template <class Acc>
@@ -304,7 +315,8 @@ EIGEN_STRONG_INLINE void backward_stretch(const T* x, const T* dy, T* dx, const 
 /// of two packets at a time down all the rows, with the strip's partials (ps, ph, pq,
 /// set here) and k in registers: per packet three loads and one store, where row by row
 /// (backward_stretch) also loads and stores the three partials and loads k. Each
-/// partial is still summed from 0 over the rows in row order: the same bits. Not for
+/// partial is still summed from 0 over the rows in row order: the same bits (a strip that
+/// is not its block's first continues from the partials the previous strips left). Not for
 /// streamed dx (non-temporal stores to many rows at once are what DRAM does worst), nor
 /// for recomputed tanh (its constants and the six partials would not fit in AVX2's 16
 /// registers). DyT backward 128x768 floats, 1 thread, best of 300, alternating runs on
@@ -312,15 +324,16 @@ EIGEN_STRONG_INLINE void backward_stretch(const T* x, const T* dy, T* dx, const 
 template <class Acc, class T, class Map>
 EIGEN_STRONG_INLINE void backward_strips_cached(const T* x, const T* dy, T* dx, const Acc* u, Index ld, Index rows,
                                                 Index n, const Acc* kp, Acc* ps, Acc* ph, Acc* pq,
-                                                const Map& f) {
+                                                bool first, const Map& f) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
+  const auto start = [&](const Acc* part, Index cnt) { return first ? zero<Acc>() : load_n<Acc>(part, cnt); };
   Index i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
     const P k0 = load<Acc>(kp + i), k1 = load<Acc>(kp + i + W);
-    P s0 = zero<Acc>(), h0 = zero<Acc>(), q0 = zero<Acc>();
-    P s1 = zero<Acc>(), h1 = zero<Acc>(), q1 = zero<Acc>();
+    P s0 = start(ps + i, W), h0 = start(ph + i, W), q0 = start(pq + i, W);
+    P s1 = start(ps + i + W, W), h1 = start(ph + i + W, W), q1 = start(pq + i + W, W);
     for (Index r = 0; r < rows; ++r) {
       const Index o = r * ld + i;
       const P u0 = load<Acc>(u + o), u1 = load<Acc>(u + o + W);
@@ -335,7 +348,7 @@ EIGEN_STRONG_INLINE void backward_strips_cached(const T* x, const T* dy, T* dx, 
   for (; i < n; i += W) {
     const Index cnt = std::min(W, n - i);
     const P kv = load_n<Acc>(kp + i, cnt);
-    P ds = zero<Acc>(), dh = zero<Acc>(), dq = zero<Acc>();
+    P ds = start(ps + i, cnt), dh = start(ph + i, cnt), dq = start(pq + i, cnt);
     for (Index r = 0; r < rows; ++r) {
       const Index o = r * ld + i;
       const P uv = load_n<Acc>(u + o, cnt);
@@ -410,7 +423,7 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
     const Acc* const kpos = v.inner == 1 ? k : ke.data();
     // A few MiB of partials at most: fewer row blocks for very long rows.
     const Index cap = std::max<Index>(1, std::min<Index>(64, (Index(1) << 20) / (3 * L)));
-    const Blocking bl = fixed_blocking(v.outer, 16, cap);
+    const Blocking bl = fixed_blocking(v.outer, kBlockRows, cap);
     Acc* part = work.get(static_cast<std::size_t>(bl.blocks * 3 * L));
     // Row-group stores are streamed only when every row starts aligned.
     const bool st_rows = stream && L % W == 0 && misalignment<Acc>(dx) == 0;
@@ -424,9 +437,12 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                      Acc* pq = ph + L;
                      const Acc* kp = kpos + c0;
                      if (u_in && !st_rows) {
-                       const Index off = bl.begin(b) * L + c0;
-                       backward_strips_cached<Acc>(x + off, dy + off, dx + off, u_in + off, L,
-                                                   bl.end(b) - bl.begin(b), n, kp, ps, ph, pq, f);
+                       for (Index r = bl.begin(b); r < bl.end(b); r += kStripRows) {
+                         const Index off = r * L + c0;
+                         backward_strips_cached<Acc>(x + off, dy + off, dx + off, u_in + off, L,
+                                                     std::min(kStripRows, bl.end(b) - r), n, kp, ps, ph,
+                                                     pq, r == bl.begin(b), f);
+                       }
                        continue;
                      }
                      for (Index r = bl.begin(b); r < bl.end(b); ++r) {
