@@ -49,13 +49,6 @@ inline constexpr Index kExpandMax = 1 << 16;  // longest expanded row (C * inner
 inline constexpr Index kForwardAhead = 16384;  // a row of 4096 floats: as far as LayerNorm's pass 2 asks
 inline constexpr Index kBackwardAhead = 1024;  // 4 KiB measured slower on Zen 3 and the Xeon
 inline constexpr Index kRowTile = 16384;      // row shape: columns per work item (whole rows: page-long runs for the prefetcher)
-/// Row shape, backward: the fewest rows of a block (one partial of 3 * row length each).
-/// The partials of blocks that a helper ran are read by the thread that sums them, and
-/// the helper's next call writes them again: each of their lines crosses the cores twice
-/// a call. With 16-row blocks that made the helper of a 2-thread DyT backward of 128x768
-/// floats finish ~5 us after the caller (of 18); 64-row blocks: 2-thread mean 17.9-18.7
-/// -> 13.8-14.7 us, 1 thread unchanged.
-inline constexpr Index kBlockRows = 64;
 /// Rows one strip of backward_strips_cached runs down at a time: with more, its strided
 /// walk has more lines in flight than the prefetchers follow (DyT backward of 512x768
 /// floats 1.4x slower in 64-row strips).

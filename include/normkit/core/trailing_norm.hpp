@@ -253,7 +253,7 @@ class TrailingNorm {
     const T* wp = affine_ ? (fperm.empty() ? weight_.data() : w.data()) : nullptr;
     const Index nparts = (affine_ ? 1 : 0) + (has_bias_ ? 1 : 0);
     const Index tiles = (rows + kColTile - 1) / kColTile;
-    const Blocking bl = row_major ? fixed_blocking(rows, 16) : fixed_blocking(tiles, 1);
+    const Blocking bl = row_major ? fixed_blocking(rows, kBlockRows) : fixed_blocking(tiles, 1);
     Acc* partial = nparts ? grads.work.get(static_cast<std::size_t>(bl.blocks * F * nparts))
                           : nullptr;
     const Acc* mean = nullptr;
