@@ -3,7 +3,8 @@
 // Cache, Grads, weight()) and instantiated unchanged with LayerNorm, RMSNorm and DyT.
 // Its backward is checked against finite differences of its own loss, and a few SGD
 // steps must lower that loss, for each of the three layers. The same surface takes
-// every dense Eigen tensor a user may hold: Eigen::TensorFixedSize and maps of it too.
+// every dense Eigen tensor a user may hold: Eigen::TensorFixedSize and maps of it too;
+// and every layer's reset_parameters() brings it back to its initial state, as PyTorch's.
 #include <normkit/normkit.hpp>
 
 #include "test_support.hpp"
@@ -234,6 +235,73 @@ TEST(FixedSizeTest, AWrongFixedShapeThrowsWithTheShape) {
       },
       normkit::Error);
   EXPECT_TRUE(std::all_of(y.data(), y.data() + y.size(), [](float v) { return v == -3.0f; }));
+}
+
+// ---- reset_parameters(): the state of a new layer, as in PyTorch. ----
+
+template <class Layer>
+class ResetTest : public ::testing::Test {};
+TYPED_TEST_SUITE(ResetTest, FloatLayers, FloatLayerNames);
+
+TYPED_TEST(ResetTest, ResetParametersGivesTheOutputOfANewLayer) {
+  using Layer = TypeParam;
+  using Tensor = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+  const Index rows = 6, F = 10;
+  Tensor x(rows, F), y_new(rows, F), y_reset(rows, F), y_changed(rows, F);
+  const auto xv = nktest::random_vector(rows * F, 47);
+  std::copy(xv.begin(), xv.end(), x.data());
+  Layer fresh = channels_last<Layer>(F), used = channels_last<Layer>(F);
+  // Change every parameter (and BatchNorm's running statistics, through training steps).
+  used.weight().setConstant(2.5f);
+  if constexpr (!std::is_same_v<Layer, normkit::RMSNorm<float>>) used.bias().setConstant(-0.75f);
+  if constexpr (std::is_same_v<Layer, normkit::DyT<float>>) used.alpha() = 1.75f;
+  if constexpr (std::is_same_v<Layer, normkit::BatchNorm<float>>) {
+    for (int step = 0; step < 3; ++step) used.forward(x, y_changed);
+    EXPECT_EQ(used.num_batches_tracked(), 3);
+    fresh.eval();
+    used.eval();
+  }
+  fresh.forward(x, y_new);
+  used.forward(x, y_changed);
+  EXPECT_FALSE(nktest::bitwise_equal(flat(y_new.data(), rows * F), flat(y_changed.data(), rows * F)));
+
+  used.reset_parameters();
+  used.forward(x, y_reset);
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y_new.data(), rows * F), flat(y_reset.data(), rows * F)));
+  EXPECT_TRUE(nktest::bitwise_equal(nktest::values(used.weight()), std::vector<float>(F, 1.0f)));
+  if constexpr (!std::is_same_v<Layer, normkit::RMSNorm<float>>)
+    EXPECT_TRUE(nktest::bitwise_equal(nktest::values(used.bias()), std::vector<float>(F, 0.0f)));
+  if constexpr (std::is_same_v<Layer, normkit::DyT<float>>) EXPECT_EQ(used.alpha(), 0.5f);
+  if constexpr (std::is_same_v<Layer, normkit::BatchNorm<float>>) {
+    EXPECT_TRUE(nktest::bitwise_equal(nktest::values(used.running_mean()), std::vector<float>(F, 0.0f)));
+    EXPECT_TRUE(nktest::bitwise_equal(nktest::values(used.running_var()), std::vector<float>(F, 1.0f)));
+    EXPECT_EQ(used.num_batches_tracked(), 0);
+  }
+}
+
+TEST(ResetTest, ResetParametersKeepsAnAlphaInitOtherThanTheDefault) {
+  normkit::DyT<double> d(4, normkit::DyTOptions().alpha_init(0.2));
+  d.alpha() = 3.0;
+  d.reset_parameters();
+  EXPECT_EQ(d.alpha(), 0.2);
+}
+
+TEST(ResetTest, BatchNormResetRunningStatsKeepsTheAffineParameters) {
+  normkit::BatchNorm<float> bn(3);
+  Eigen::Tensor<float, 2, Eigen::RowMajor> x(4, 3), y(4, 3);
+  x.setValues({{1, 2, 3}, {4, 5, 6}, {7, 8, 10}, {0, -1, 2}});
+  EXPECT_TRUE(bn.training());
+  bn.forward(x, y);
+  bn.weight().setConstant(2.0f);
+  bn.reset_running_stats();
+  EXPECT_TRUE(nktest::bitwise_equal(nktest::values(bn.running_mean()), std::vector<float>(3, 0.0f)));
+  EXPECT_TRUE(nktest::bitwise_equal(nktest::values(bn.running_var()), std::vector<float>(3, 1.0f)));
+  EXPECT_EQ(bn.num_batches_tracked(), 0);
+  EXPECT_TRUE(nktest::bitwise_equal(nktest::values(bn.weight()), std::vector<float>(3, 2.0f)));
+  bn.eval();
+  EXPECT_FALSE(bn.training());
+  bn.train();
+  EXPECT_TRUE(bn.training());
 }
 
 }  // namespace

@@ -139,16 +139,13 @@ class BatchNorm {
                    *opt_.momentum());
     if (opt_.affine()) {
       weight_.resize(C_);
-      weight_.setConstant(T(1));
       bias_.resize(C_);
-      bias_.setConstant(T(0));
     }
     if (opt_.track_running_stats()) {
       running_mean_.resize(C_);
-      running_mean_.setConstant(T(0));
       running_var_.resize(C_);
-      running_var_.setConstant(T(1));
     }
+    reset_parameters();
   }
 
   template <class X, class Y, detail::enable_if_tensors_t<X, Y> = 0>
@@ -184,6 +181,20 @@ class BatchNorm {
   void train(bool on = true) { training_ = on; }
   void eval() { training_ = false; }
   bool is_training() const { return training_; }
+  bool training() const { return training_; }  // PyTorch's module.training
+
+  /// As PyTorch: running_mean 0, running_var 1, num_batches_tracked 0.
+  void reset_running_stats() {
+    running_mean_.setConstant(T(0));
+    running_var_.setConstant(T(1));
+    num_batches_tracked_ = 0;
+  }
+  /// As PyTorch: the running statistics reset, weight 1, bias 0.
+  void reset_parameters() {
+    reset_running_stats();
+    weight_.setConstant(T(1));
+    bias_.setConstant(T(0));
+  }
 
   /// The per-channel scale and shift eval mode applies (needs running statistics).
   Folded fold() const {

@@ -167,15 +167,18 @@ class DyT {
     if (channels < 0) detail::fail("DyT: channels must be >= 0, got ", channels);
     if (!std::isfinite(options.alpha_init()))
       detail::fail("DyT: alpha_init must be finite, got ", options.alpha_init());
-    alpha_ = static_cast<T>(options.alpha_init());
     if (opt_.elementwise_affine()) {
       weight_.resize(C_);
-      weight_.setConstant(T(1));
-      if (opt_.bias()) {
-        bias_.resize(C_);
-        bias_.setConstant(T(0));
-      }
+      if (opt_.bias()) bias_.resize(C_);
     }
+    reset_parameters();
+  }
+
+  /// alpha back to alpha_init, weight 1, bias 0 (as the official code initializes them).
+  void reset_parameters() {
+    alpha_ = static_cast<T>(opt_.alpha_init());
+    weight_.setConstant(T(1));
+    bias_.setConstant(T(0));
   }
 
   /// Inference: y = DyT(x). y may be x itself (in place).

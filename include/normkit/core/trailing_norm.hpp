@@ -116,6 +116,12 @@ class TrailingNorm {
   double eps() const { return eps_; }
   bool elementwise_affine() const { return affine_; }
 
+  /// As PyTorch: weight 1, bias 0.
+  void reset_parameters() {
+    weight_.setConstant(T(1));
+    bias_.setConstant(T(0));
+  }
+
  protected:
   TrailingNorm(const char* name, std::vector<Index> shape, double eps, bool affine, bool bias)
       : name_(name), shape_(std::move(shape)), eps_(eps), affine_(affine), has_bias_(affine && bias) {
@@ -124,14 +130,9 @@ class TrailingNorm {
       if (d < 0) fail(name_, ": normalized_shape ", shape_str(shape_), " has a negative dim");
     validate_eps<T>(name_, eps);
     features_ = product(shape_, 0, shape_.size());
-    if (affine_) {
-      weight_.resize(features_);
-      weight_.setConstant(T(1));
-    }
-    if (has_bias_) {
-      bias_.resize(features_);
-      bias_.setConstant(T(0));
-    }
+    if (affine_) weight_.resize(features_);
+    if (has_bias_) bias_.resize(features_);
+    reset_parameters();
   }
 
   template <class Dev, class X, class Y>
