@@ -32,11 +32,16 @@ UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
 fi
 
 if want tsan; then
-step "2/4 TSan: concurrent use of one layer and one ThreadPoolDevice; header_warnings with clang"
+step "2/4 TSan: concurrent use of one layer and one ThreadPoolDevice; header_warnings (and _mpi) with clang"
 cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_CXX_FLAGS="-fsanitize=thread -fno-omit-frame-pointer" \
   -DNORMKIT_BUILD_BENCH=OFF -DNORMKIT_PEERS=OFF -DNORMKIT_BUILD_EXAMPLES=OFF
-cmake --build build/tsan -j "$JOBS" --target test_concurrency header_warnings
+# header_warnings_mpi (mpi.hpp under the same warnings) exists where MPI was found.
+warn_targets="header_warnings"
+if ninja -C build/tsan -t targets all 2>/dev/null | grep -q '^header_warnings_mpi:'; then
+  warn_targets="$warn_targets header_warnings_mpi"
+fi
+cmake --build build/tsan -j "$JOBS" --target test_concurrency $warn_targets
 TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" build/tsan/tests/test_concurrency
 
 fi

@@ -11,6 +11,14 @@ add_executable(test_batch_norm_mpi test_batch_norm_mpi.cpp)
 target_link_libraries(test_batch_norm_mpi PRIVATE normkit::normkit normkit_dev_flags GTest::gtest MPI::MPI_CXX)
 target_include_directories(test_batch_norm_mpi PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
 
+# mpi.hpp under the strict warnings of header_warnings (tests/packaging.cmake), where
+# that target exists; compiled, never run.
+if(DEFINED NORMKIT_STRICT_WARNINGS)
+  add_library(header_warnings_mpi OBJECT header_warnings_mpi.cpp)
+  target_link_libraries(header_warnings_mpi PRIVATE normkit::normkit MPI::MPI_CXX)
+  target_compile_options(header_warnings_mpi PRIVATE ${NORMKIT_STRICT_WARNINGS})
+endif()
+
 # Open MPI refuses to run as root without --allow-run-as-root, and to start more ranks
 # than cores (CI has 2) without --oversubscribe; other MPIs do not know the flags.
 set(NORMKIT_MPIEXEC_FLAGS "")

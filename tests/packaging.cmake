@@ -12,12 +12,13 @@
 # -Wshadow, -Wconversion, -Wsign-conversion, -Wold-style-cast, -Wcast-qual,
 # -Wnon-virtual-dtor, -Woverloaded-virtual and -Wundef, and -Werror. CI builds it with
 # GCC (the release build) and with clang (scripts/ci-sanitizers.sh, beside the TSan test).
-add_library(header_warnings OBJECT header_warnings.cpp)
-target_link_libraries(header_warnings PRIVATE normkit::normkit)
-target_compile_options(header_warnings PRIVATE
+set(NORMKIT_STRICT_WARNINGS
   $<$<CXX_COMPILER_ID:GNU,Clang>:-Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wsign-conversion
     -Wold-style-cast -Wcast-qual -Wnon-virtual-dtor -Woverloaded-virtual -Wundef -Werror>
   $<$<AND:$<BOOL:${NORMKIT_NATIVE}>,$<CXX_COMPILER_ID:GNU,Clang>>:-march=native>)
+add_library(header_warnings OBJECT header_warnings.cpp)
+target_link_libraries(header_warnings PRIVATE normkit::normkit)
+target_compile_options(header_warnings PRIVATE ${NORMKIT_STRICT_WARNINGS})
 
 set(_nk_consumer_args
   -DGENERATOR=${CMAKE_GENERATOR}
