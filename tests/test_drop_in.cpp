@@ -269,9 +269,12 @@ TYPED_TEST(ResetTest, ResetParametersGivesTheOutputOfANewLayer) {
   used.forward(x, y_reset);
   EXPECT_TRUE(nktest::bitwise_equal(flat(y_new.data(), rows * F), flat(y_reset.data(), rows * F)));
   EXPECT_TRUE(nktest::bitwise_equal(nktest::values(used.weight()), std::vector<float>(F, 1.0f)));
-  if constexpr (!std::is_same_v<Layer, normkit::RMSNorm<float>>)
+  if constexpr (!std::is_same_v<Layer, normkit::RMSNorm<float>>) {
     EXPECT_TRUE(nktest::bitwise_equal(nktest::values(used.bias()), std::vector<float>(F, 0.0f)));
-  if constexpr (std::is_same_v<Layer, normkit::DyT<float>>) EXPECT_EQ(used.alpha(), 0.5f);
+  }
+  if constexpr (std::is_same_v<Layer, normkit::DyT<float>>) {
+    EXPECT_EQ(used.alpha(), 0.5f);
+  }
   if constexpr (std::is_same_v<Layer, normkit::BatchNorm<float>>) {
     EXPECT_TRUE(nktest::bitwise_equal(nktest::values(used.running_mean()), std::vector<float>(F, 0.0f)));
     EXPECT_TRUE(nktest::bitwise_equal(nktest::values(used.running_var()), std::vector<float>(F, 1.0f)));
