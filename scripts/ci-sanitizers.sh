@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The reliability jobs of CI (issue 7), in about 10 minutes on 2 cores:
 #   1. the whole test suite under AddressSanitizer + UndefinedBehaviorSanitizer (the
-#      `asan` preset; the exhaustive tanh test is left to the release run);
+#      `asan` preset; the exhaustive tanh test is left to the release run, the fuzz
+#      target's replay to step 3, the compile-only header_warnings to step 2);
 #   2. the concurrency test under ThreadSanitizer, and in the same clang build the
 #      header_warnings target (the headers under -Wconversion -Wsign-conversion ...
 #      -Werror; the release build compiles it with GCC);

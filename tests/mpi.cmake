@@ -12,8 +12,8 @@ target_link_libraries(test_batch_norm_mpi PRIVATE normkit::normkit normkit_dev_f
 target_include_directories(test_batch_norm_mpi PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
 
 # mpi.hpp under the strict warnings of header_warnings (tests/packaging.cmake), where
-# that target exists; compiled, never run.
-if(DEFINED NORMKIT_STRICT_WARNINGS)
+# that target is built; compiled, never run.
+if(TARGET header_warnings)
   add_library(header_warnings_mpi OBJECT header_warnings_mpi.cpp)
   target_link_libraries(header_warnings_mpi PRIVATE normkit::normkit MPI::MPI_CXX)
   target_compile_options(header_warnings_mpi PRIVATE ${NORMKIT_STRICT_WARNINGS})
