@@ -253,13 +253,6 @@ class BatchNorm {
     return {dims, static_cast<std::size_t>(axis)};
   }
 
-  static void check_like(const std::string& fn, const char* arg, const std::vector<Index>& got,
-                         const std::vector<Index>& want) {
-    if (got != want)
-      detail::fail(fn, ": ", arg, " is ", detail::shape_str(got), ", expected ", detail::shape_str(want),
-                   " (the shape of x)");
-  }
-
   bool batch_stats() const { return training_ || !opt_.track_running_stats(); }
 
   template <class Dev, class X, class Y>
@@ -268,7 +261,7 @@ class BatchNorm {
     detail::check_same_type<T, X, Y>();
     const std::string fn = "BatchNorm::forward";
     const auto [dims, axis] = check_x(fn, x);
-    check_like(fn, "y", detail::dims_of(y), dims);
+    detail::check_like(fn, "y", detail::dims_of(y), dims);
     if (detail::partial_overlap(x.data(), y.data(), x.size()))
       detail::fail(fn, ": y partially overlaps x (only y == x, in place, is supported)");
     const detail::ChannelView v = detail::channel_view(dims, detail::traits_of<X>::row_major, axis);
@@ -523,8 +516,8 @@ class BatchNorm {
     detail::check_same_type<T, X, DX>();
     const std::string fn = "BatchNorm::backward";
     const auto [dims, axis] = check_x(fn, x);
-    check_like(fn, "dy", detail::dims_of(dy), dims);
-    check_like(fn, "dx", detail::dims_of(dx), dims);
+    detail::check_like(fn, "dy", detail::dims_of(dy), dims);
+    detail::check_like(fn, "dx", detail::dims_of(dx), dims);
     if (cache.empty()) detail::fail(fn, ": cache is empty, expected the cache filled by forward(x, y, cache)");
     if (cache.x_dims != dims)
       detail::fail(fn, ": cache is from x of shape ", detail::shape_str(cache.x_dims), ", but x is ",

@@ -248,20 +248,13 @@ class DyT {
     return {dims, static_cast<std::size_t>(axis)};
   }
 
-  static void check_like(const std::string& fn, const char* arg, const std::vector<Index>& got,
-                         const std::vector<Index>& want) {
-    if (got != want)
-      detail::fail(fn, ": ", arg, " is ", detail::shape_str(got), ", expected ",
-                   detail::shape_str(want), " (the shape of x)");
-  }
-
   template <class Dev, class X, class Y>
   void forward_impl(const Dev& dev, const X& x, Y& y, Cache* cache) const {
     static_assert(detail::traits_of<Y>::writable, "normkit: the output y must be writable");
     detail::check_same_type<T, X, Y>();
     const std::string fn = "DyT::forward";
     const auto [dims, axis] = check_x(fn, x);
-    check_like(fn, "y", detail::dims_of(y), dims);
+    detail::check_like(fn, "y", detail::dims_of(y), dims);
     if (detail::partial_overlap(x.data(), y.data(), x.size()))
       detail::fail(fn, ": y partially overlaps x (only y == x, in place, is supported)");
 
@@ -290,8 +283,8 @@ class DyT {
     detail::check_same_type<T, X, DX>();
     const std::string fn = "DyT::backward";
     const auto [dims, axis] = check_x(fn, x);
-    check_like(fn, "dy", detail::dims_of(dy), dims);
-    check_like(fn, "dx", detail::dims_of(dx), dims);
+    detail::check_like(fn, "dy", detail::dims_of(dy), dims);
+    detail::check_like(fn, "dx", detail::dims_of(dx), dims);
     if (cache.empty())
       detail::fail(fn, ": cache is empty, expected the cache filled by forward(x, y, cache)");
     if (cache.x_dims != dims)

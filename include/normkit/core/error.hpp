@@ -44,5 +44,13 @@ template <class... Parts>
   throw Error(os.str());
 }
 
+/// An argument that must have x's shape (y, dy, dx of every layer):
+/// "LayerNorm::forward: y is [3, 768], expected [4, 768] (the shape of x)".
+inline void check_like(const std::string& fn, const char* arg, const std::vector<Index>& got,
+                       const std::vector<Index>& want) {
+  if (got != want)
+    fail(fn, ": ", arg, " is ", shape_str(got), ", expected ", shape_str(want), " (the shape of x)");
+}
+
 }  // namespace detail
 }  // namespace normkit

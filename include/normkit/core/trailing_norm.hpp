@@ -349,13 +349,6 @@ class TrailingNorm {
     return dims;
   }
 
-  static void check_like(const std::string& fn, const char* arg, const std::vector<Index>& got,
-                         const std::vector<Index>& want) {
-    if (got != want)
-      fail(fn, ": ", arg, " is ", shape_str(got), ", expected ", shape_str(want),
-           " (the shape of x)");
-  }
-
   /// For memory position m inside the normalized block, the parameter index.
   IndexVector<Index> param_permutation(const std::vector<Index>& dims, bool row_major) const {
     return mid_permutation(dims, row_major, dims.size() - shape_.size(), dims.size());
