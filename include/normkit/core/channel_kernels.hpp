@@ -310,8 +310,9 @@ inline constexpr Index kRegisterPackets = 8;
 /// same additions in the same (row) order as the loop through L1 partials, so the same
 /// bits, without a load and a store of the partials every kRowsAtOnce rows. Channels-last
 /// with 64 channels of float (rows of 256 B), moments of 32x56x56x64, median of 40
-/// alternating with the L1 loop: 1.19-1.21 ms against 1.26-1.28 at 1 thread, 0.62-0.65
-/// against 0.68-0.73 at 2 (a plain sum of the same floats: 0.95-1.07).
+/// alternating with the L1 loop, AVX-512 Xeon: 1.19-1.21 ms against 1.26-1.28 at 1
+/// thread, 0.62-0.65 against 0.68-0.73 at 2 (an AVX2 build there: 1.09 against
+/// 1.22-1.26; a plain sum of the same floats: 0.95-1.07).
 template <class Acc, class T>
 EIGEN_DONT_INLINE void chunk_moments_narrow(const T* x, Index ld, Index nr, Index nc, const Acc* shift, Acc* a,
                                             Acc* q) {
