@@ -26,6 +26,7 @@
 namespace {
 
 using nktest::Index;
+using nktest::error_of;
 using nkref::LD;
 
 // ---- the layers behind one interface ----------------------------------------------------
@@ -549,16 +550,6 @@ struct Snapshot {
   }
   bool operator==(const Snapshot& o) const { return parts == o.parts; }
 };
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const normkit::Error& e) {
-    return e.what();
-  }
-  return "<no normkit::Error thrown>";
-}
 
 /// f must throw normkit::Error with `msg` and leave `state()` bitwise unchanged.
 template <class F, class S>

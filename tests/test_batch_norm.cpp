@@ -14,6 +14,8 @@
 namespace {
 
 using nktest::Index;
+using nktest::all_equal;
+using nktest::error_of;
 using nktest::LD;
 using Vec = std::vector<double>;
 
@@ -1075,22 +1077,6 @@ TEST(BatchNormSyncTest, OneValuePerChannelOverAllProcessesIsAnError) {
 }
 
 // ---- options and errors: exact messages, outputs untouched ---------------------------
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const normkit::Error& e) {
-    return e.what();
-  }
-  return "<no normkit::Error thrown>";
-}
-
-bool all_equal(const float* p, Index n, float v) {
-  for (Index i = 0; i < n; ++i)
-    if (p[i] != v) return false;
-  return true;
-}
 
 TEST(BatchNormTest, OptionsAndDefaults) {
   normkit::BatchNorm<float> bn(64);

@@ -12,6 +12,7 @@
 namespace {
 
 using nktest::Index;
+using nktest::error_of;
 using Tensor2 = Eigen::Tensor<double, 2, Eigen::RowMajor>;
 using Pair = Eigen::IndexPair<int>;
 
@@ -224,17 +225,107 @@ TEST(FixedSizeTest, AWrongFixedShapeThrowsWithTheShape) {
   Eigen::TensorFixedSize<float, Eigen::Sizes<2, 6>, Eigen::RowMajor> x, y;
   x.setConstant(1.5f);
   y.setConstant(-3.0f);
-  EXPECT_THROW(
-      {
-        try {
-          ln.forward(x, y);
-        } catch (const normkit::Error& e) {
-          EXPECT_STREQ(e.what(), "LayerNorm::forward: x has 6 features, expected 8 (x is [2, 6])");
-          throw;
-        }
-      },
-      normkit::Error);
-  EXPECT_TRUE(std::all_of(y.data(), y.data() + y.size(), [](float v) { return v == -3.0f; }));
+  EXPECT_EQ(error_of([&] { ln.forward(x, y); }), "LayerNorm::forward: x has 6 features, expected 8 (x is [2, 6])");
+  EXPECT_TRUE(nktest::all_equal(y.data(), y.size(), -3.0f));
+}
+
+// ---- Empty owning outputs are sized to x, as PyTorch sizes an empty out= tensor. ----
+
+template <class X>
+std::vector<Index> shape_of(const X& x) {
+  std::vector<Index> d;
+  for (int i = 0; i < X::NumDimensions; ++i) d.push_back(x.dimension(i));
+  return d;
+}
+
+template <class Layer>
+class EmptyOutputTest : public ::testing::Test {};
+TYPED_TEST_SUITE(EmptyOutputTest, FloatLayers, FloatLayerNames);
+
+template <class Layer, int Layout>
+void expect_empty_outputs_sized_like_x() {
+  using Tensor = Eigen::Tensor<float, 3, Layout>;
+  const Index n = 4 * 3 * 5;
+  Tensor x(4, 3, 5), dy(4, 3, 5), y_sized(4, 3, 5), dx_sized(4, 3, 5);
+  const auto xv = nktest::random_vector(n, 48), dyv = nktest::random_vector(n, 49);
+  std::copy(xv.begin(), xv.end(), x.data());
+  std::copy(dyv.begin(), dyv.end(), dy.data());
+  Layer sized_layer = channels_last<Layer>(5), empty_layer = channels_last<Layer>(5);
+  typename Layer::Cache sized_cache, empty_cache;
+  typename Layer::Grads sized_grads, empty_grads;
+  sized_layer.forward(x, y_sized, sized_cache);
+  sized_layer.backward(x, dy, sized_cache, dx_sized, sized_grads);
+
+  Tensor y, dx;  // default-constructed: no elements
+  empty_layer.forward(x, y, empty_cache);
+  empty_layer.backward(x, dy, empty_cache, dx, empty_grads);
+  ASSERT_EQ(shape_of(y), (std::vector<Index>{4, 3, 5}));
+  ASSERT_EQ(shape_of(dx), (std::vector<Index>{4, 3, 5}));
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y.data(), n), flat(y_sized.data(), n))) << "y";
+  EXPECT_TRUE(nktest::bitwise_equal(flat(dx.data(), n), flat(dx_sized.data(), n))) << "dx";
+  EXPECT_TRUE(nktest::bitwise_equal(nktest::values(empty_grads.weight), nktest::values(sized_grads.weight)));
+
+  // Inference and a device, into an output of no elements but another shape.
+  Tensor y_inference(0, 7, 2);
+  nktest::on_threads(2, [&](const auto& dev) { sized_layer.forward(dev, x, y_inference); });
+  sized_layer.forward(x, y_sized);
+  ASSERT_EQ(shape_of(y_inference), (std::vector<Index>{4, 3, 5}));
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y_inference.data(), n), flat(y_sized.data(), n))) << "y inference";
+}
+
+TYPED_TEST(EmptyOutputTest, EmptyOwningOutputsAreSizedLikeX) {
+  expect_empty_outputs_sized_like_x<TypeParam, Eigen::RowMajor>();
+  expect_empty_outputs_sized_like_x<TypeParam, Eigen::ColMajor>();
+}
+
+TYPED_TEST(EmptyOutputTest, RefusedCallsLeaveAnEmptyOutputEmpty) {
+  using Layer = TypeParam;
+  using Tensor = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+  Layer layer = channels_last<Layer>(5);
+  Tensor x(3, 5), wrong(3, 4), dy(3, 5), y, dx;
+  x.setConstant(0.25f);
+  dy.setConstant(1.0f);
+  typename Layer::Cache cache;
+  typename Layer::Grads grads;
+  EXPECT_THROW(layer.forward(wrong, y, cache), normkit::Error);
+  EXPECT_EQ(shape_of(y), (std::vector<Index>{0, 0}));
+  // backward without a filled cache is refused after dx passed its own check
+  EXPECT_THROW(layer.backward(x, dy, cache, dx, grads), normkit::Error);
+  EXPECT_EQ(shape_of(dx), (std::vector<Index>{0, 0}));
+  if constexpr (std::is_same_v<Layer, normkit::BatchNorm<float>>) {
+    Tensor one_row(1, 5);
+    one_row.setConstant(1.0f);
+    EXPECT_THROW(layer.forward(one_row, y), normkit::Error);  // one value per channel
+    EXPECT_EQ(shape_of(y), (std::vector<Index>{0, 0}));
+    // With a reducer that check comes after the reductions (here over one process).
+    struct OneProcess : normkit::StatsReducer {
+      void allreduce_sum(double*, Index) override {}
+    };
+    normkit::BatchNorm<float> synced(
+        5, normkit::BatchNormOptions().channel_axis(-1).reducer(std::make_shared<OneProcess>()));
+    EXPECT_THROW(synced.forward(one_row, y), normkit::Error);
+    EXPECT_EQ(shape_of(y), (std::vector<Index>{0, 0}));
+    Tensor y_local(3, 5);
+    x.setValues({{1, 2, 3, 4, 5}, {0, -1, 2, 7, 1}, {3, 3, 1, 0, 2}});
+    layer.forward(x, y_local);
+    synced.forward(x, y);
+    ASSERT_EQ(shape_of(y), (std::vector<Index>{3, 5}));
+    EXPECT_TRUE(nktest::bitwise_equal(flat(y.data(), 15), flat(y_local.data(), 15)));
+  }
+}
+
+TEST(EmptyOutputTest, OutputsWithElementsOrMapsOfAnotherShapeStillThrow) {
+  normkit::LayerNorm<float> ln(4);
+  Eigen::Tensor<float, 2, Eigen::RowMajor> x(2, 4), y(3, 4);
+  x.setConstant(1.0f);
+  y.setConstant(-2.0f);
+  EXPECT_EQ(error_of([&] { ln.forward(x, y); }),
+            "LayerNorm::forward: y is [3, 4], expected [2, 4] (the shape of x)");
+  EXPECT_TRUE(nktest::all_equal(y.data(), y.size(), -2.0f));
+  // A map cannot be resized: an empty one is refused with its shape.
+  Eigen::TensorMap<Eigen::Tensor<float, 2, Eigen::RowMajor>> empty_map(y.data(), 0, 4);
+  EXPECT_EQ(error_of([&] { ln.forward(x, empty_map); }),
+            "LayerNorm::forward: y is [0, 4], expected [2, 4] (the shape of x)");
 }
 
 // ---- reset_parameters(): the state of a new layer, as in PyTorch. ----

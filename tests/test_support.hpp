@@ -15,12 +15,31 @@
 #define EIGEN_USE_THREADS
 #include <unsupported/Eigen/CXX11/Tensor>
 
+#include <normkit/core/error.hpp>
 #include <normkit/core/simd.hpp>
 
 namespace nktest {
 
 using Index = Eigen::Index;
 using LD = long double;
+
+/// The message of the normkit::Error that f() throws, or a line saying none was thrown.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const normkit::Error& e) {
+    return e.what();
+  }
+  return "<no normkit::Error thrown>";
+}
+
+/// Whether p[0, n) all equal v (an output left untouched by a refused call).
+inline bool all_equal(const float* p, Index n, float v) {
+  for (Index i = 0; i < n; ++i)
+    if (p[i] != v) return false;
+  return true;
+}
 
 inline Index numel(const std::vector<Index>& d) {
   Index n = 1;

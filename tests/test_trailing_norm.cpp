@@ -13,6 +13,8 @@
 namespace {
 
 using nktest::Index;
+using nktest::all_equal;
+using nktest::error_of;
 using nktest::LD;
 
 template <bool Center, class T, int L>
@@ -899,22 +901,6 @@ TEST(LayerNormTest, BFloat16StorageWithinBFloat16RoundingOfFloat) {
 }
 
 // ---- errors: exact messages, outputs untouched -------------------------------------------
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const normkit::Error& e) {
-    return e.what();
-  }
-  return "<no normkit::Error thrown>";
-}
-
-bool all_equal(const float* p, Index n, float v) {
-  for (Index i = 0; i < n; ++i)
-    if (p[i] != v) return false;
-  return true;
-}
 
 TEST(LayerNormTest, ErrorsNameFunctionArgumentExpectedAndActual) {
   normkit::LayerNorm<float> ln(768);

@@ -261,12 +261,15 @@ class BatchNorm {
     detail::check_same_type<T, X, Y>();
     const std::string fn = "BatchNorm::forward";
     const auto [dims, axis] = check_x(fn, x);
-    detail::check_like(fn, "y", detail::dims_of(y), dims);
+    detail::check_output(fn, "y", y, dims);
     if (detail::partial_overlap(x.data(), y.data(), x.size()))
       detail::fail(fn, ": y partially overlaps x (only y == x, in place, is supported)");
     const detail::ChannelView v = detail::channel_view(dims, detail::traits_of<X>::row_major, axis);
     const bool batch = batch_stats();
     StatsReducer* red = opt_.reducer().get();
+    // y is resized (if it is to be) after the last check: in training mode, the one of
+    // the values per channel, which with a reducer comes after the reductions.
+    if (!batch) detail::fit_output(y, dims);
     const Index C = C_;
     // Statistics in Fin (wider than Acc); m[c] is the mean rounded to Acc and corr[c] the
     // rest of it (a large offset is not representable in Acc to the precision of the spread).
@@ -281,6 +284,7 @@ class BatchNorm {
       // Without a reducer the checks come first; with one, every process must join the
       // reductions, and the count that matters is the global one.
       if (!red && v.count() == 1) too_few_values(fn, dims);
+      if (!red) detail::fit_output(y, dims);
       mom.resize(C);
       count = x.size() == 0 ? 0.0 : static_cast<double>(v.count());
       if (!red && count > 0 && v.row_path()) {
@@ -310,6 +314,7 @@ class BatchNorm {
       detail::channel_moments(dev, x.data(), v, moments_work_, mom.data());
       if (red) count = reduce_moments(*red, mom);
       if (count == 1) too_few_values(fn, dims);
+      detail::fit_output(y, dims);
       if (count == 0) {  // nothing to normalize anywhere: no statistics, no update
         if (cache) fill_cache(*cache, dims, batch, nullptr, nullptr, 0, {});
         return;
@@ -517,7 +522,7 @@ class BatchNorm {
     const std::string fn = "BatchNorm::backward";
     const auto [dims, axis] = check_x(fn, x);
     detail::check_like(fn, "dy", detail::dims_of(dy), dims);
-    detail::check_like(fn, "dx", detail::dims_of(dx), dims);
+    detail::check_output(fn, "dx", dx, dims);
     if (cache.empty()) detail::fail(fn, ": cache is empty, expected the cache filled by forward(x, y, cache)");
     if (cache.x_dims != dims)
       detail::fail(fn, ": cache is from x of shape ", detail::shape_str(cache.x_dims), ", but x is ",
@@ -528,6 +533,7 @@ class BatchNorm {
       detail::fail(fn, ": dx partially overlaps x (only dx == x or dx == dy is supported)");
     if (detail::partial_overlap(dy.data(), dx.data(), x.size()))
       detail::fail(fn, ": dx partially overlaps dy (only dx == x or dx == dy is supported)");
+    detail::fit_output(dx, dims);
 
     const Index C = C_;
     const bool affine = opt_.affine();

@@ -254,9 +254,10 @@ class DyT {
     detail::check_same_type<T, X, Y>();
     const std::string fn = "DyT::forward";
     const auto [dims, axis] = check_x(fn, x);
-    detail::check_like(fn, "y", detail::dims_of(y), dims);
+    detail::check_output(fn, "y", y, dims);
     if (detail::partial_overlap(x.data(), y.data(), x.size()))
       detail::fail(fn, ": y partially overlaps x (only y == x, in place, is supported)");
+    detail::fit_output(y, dims);
 
     const Acc alpha = static_cast<Acc>(alpha_);
     Acc* u_out = nullptr;
@@ -284,7 +285,7 @@ class DyT {
     const std::string fn = "DyT::backward";
     const auto [dims, axis] = check_x(fn, x);
     detail::check_like(fn, "dy", detail::dims_of(dy), dims);
-    detail::check_like(fn, "dx", detail::dims_of(dx), dims);
+    detail::check_output(fn, "dx", dx, dims);
     if (cache.empty())
       detail::fail(fn, ": cache is empty, expected the cache filled by forward(x, y, cache)");
     if (cache.x_dims != dims)
@@ -297,6 +298,7 @@ class DyT {
       detail::fail(fn, ": dx partially overlaps x (only dx == x or dx == dy is supported)");
     if (detail::partial_overlap(dy.data(), dx.data(), x.size()))
       detail::fail(fn, ": dx partially overlaps dy (only dx == x or dx == dy is supported)");
+    detail::fit_output(dx, dims);
 
     const bool affine = elementwise_affine(), with_bias = has_bias();
     grads.weight.resize(affine ? C_ : 0);

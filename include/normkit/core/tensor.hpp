@@ -9,6 +9,7 @@
 #pragma once
 
 #include <array>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -30,17 +31,19 @@ struct tensor_traits {
 
 /// What the layers accept: Eigen::Tensor, Eigen::TensorFixedSize, and TensorMaps of
 /// either (const for inputs); dense storage, any layout.
-template <class S, std::ptrdiff_t R, int Opt, bool Writable>
+template <class S, std::ptrdiff_t R, int Opt, bool Writable, bool Resizable = false>
 struct dense_traits {
   static constexpr bool value = true;
   using scalar = std::remove_const_t<S>;
   static constexpr int rank = static_cast<int>(R);
   static constexpr bool row_major = (Opt & Eigen::RowMajor) != 0;
   static constexpr bool writable = Writable && !std::is_const_v<S>;
+  /// An owning Eigen::Tensor, which an output of no elements may be resized into.
+  static constexpr bool resizable = Resizable;
 };
 
 template <class S, int R, int Opt, class I>
-struct tensor_traits<Eigen::Tensor<S, R, Opt, I>> : dense_traits<S, R, Opt, true> {};
+struct tensor_traits<Eigen::Tensor<S, R, Opt, I>> : dense_traits<S, R, Opt, true, true> {};
 
 template <class S, class Dims, int Opt, class I>
 struct tensor_traits<Eigen::TensorFixedSize<S, Dims, Opt, I>> : dense_traits<S, Dims::count, Opt, true> {};
@@ -84,6 +87,44 @@ std::vector<Index> dims_of(const X& x) {
   d.reserve(traits_of<X>::rank);
   for (std::size_t i = 0; i < std::size_t{traits_of<X>::rank}; ++i) d.push_back(x.dimension(i));
   return d;
+}
+
+/// Whether output `y` is to be resized to x's shape `dims`: an owning Eigen::Tensor with
+/// no elements (default-constructed, say) of another shape, as PyTorch resizes an empty
+/// `out=` tensor. Maps, fixed-size tensors and tensors with elements keep their shape,
+/// and one that differs from x's is an error.
+template <class Y>
+bool output_to_resize(const Y& y, const std::vector<Index>& dims) {
+  if constexpr (traits_of<Y>::resizable) {
+    return y.size() == 0 && dims_of(y) != dims;
+  } else {
+    (void)y;
+    (void)dims;
+    return false;
+  }
+}
+
+/// Checks an output (y, dx) against x's shape `dims`; one that output_to_resize accepts
+/// passes, to be resized by fit_output once every check of the call has passed.
+template <class Y>
+void check_output(const std::string& fn, const char* arg, const Y& y, const std::vector<Index>& dims) {
+  if (!output_to_resize(y, dims)) check_like(fn, arg, dims_of(y), dims);
+}
+
+/// Resizes an output that check_output let through to x's shape; a no-op on any other.
+/// Called after the last check that may throw, so that a refused call leaves it as it came.
+template <class Y>
+void fit_output(Y& y, const std::vector<Index>& dims) {
+  if constexpr (traits_of<Y>::resizable) {
+    if (!output_to_resize(y, dims)) return;
+    using I = typename Y::Index;
+    Eigen::array<I, static_cast<std::size_t>(traits_of<Y>::rank)> d;
+    for (std::size_t i = 0; i < d.size(); ++i) d[i] = static_cast<I>(dims[i]);
+    y.resize(d);
+  } else {
+    (void)y;
+    (void)dims;
+  }
 }
 
 /// A std::vector subscripted by the library's signed Index: the per-channel (per-row,

@@ -77,7 +77,8 @@ class TrailingNorm {
     Workspace<Acc> work;         // reused scratch for the per-block partial sums
   };
 
-  /// Inference: y = norm(x). y may be x itself (in place).
+  /// Inference: y = norm(x). y has x's shape, or is an Eigen::Tensor with no elements,
+  /// which is resized to it; y may be x itself (in place).
   template <class X, class Y, enable_if_tensors_t<X, Y> = 0>
   void forward(const X& x, Y&& y) const {
     forward_impl(Eigen::DefaultDevice(), x, y, nullptr);
@@ -97,7 +98,7 @@ class TrailingNorm {
   }
 
   /// dx (overwritten) and the parameter gradients (overwritten) from the x and cache of
-  /// a training forward. dx may be x or dy itself.
+  /// a training forward. dx may be x or dy itself, or an empty Eigen::Tensor (as y).
   template <class X, class DY, class DX, enable_if_tensors_t<X, DY, DX> = 0>
   void backward(const X& x, const DY& dy, const Cache& cache, DX&& dx, Grads& grads) const {
     backward_impl(Eigen::DefaultDevice(), x, dy, cache, dx, grads);
@@ -141,9 +142,10 @@ class TrailingNorm {
     detail::check_same_type<T, X, Y>();
     const std::string fn = std::string(name_) + "::forward";
     const std::vector<Index> dims = check_x(fn, x);
-    check_like(fn, "y", dims_of(y), dims);
+    check_output(fn, "y", y, dims);
     if (partial_overlap(x.data(), y.data(), x.size()))
       fail(fn, ": y partially overlaps x (only y == x, in place, is supported)");
+    fit_output(y, dims);
 
     const Index rows = x.size() == 0 ? 0 : x.size() / std::max<Index>(features_, 1);
     if (cache) {
@@ -220,7 +222,7 @@ class TrailingNorm {
     const std::string fn = std::string(name_) + "::backward";
     const std::vector<Index> dims = check_x(fn, x);
     check_like(fn, "dy", dims_of(dy), dims);
-    check_like(fn, "dx", dims_of(dx), dims);
+    check_output(fn, "dx", dx, dims);
     if (cache.empty())
       fail(fn, ": cache is empty, expected the cache filled by forward(x, y, cache)");
     if (cache.x_dims != dims)
@@ -233,6 +235,7 @@ class TrailingNorm {
       fail(fn, ": dx partially overlaps x (only dx == x or dx == dy is supported)");
     if (partial_overlap(dy.data(), dx.data(), x.size()))
       fail(fn, ": dx partially overlaps dy (only dx == x or dx == dy is supported)");
+    fit_output(dx, dims);
 
     const Index F = features_;
     if (affine_) grads.weight.resize(F);
