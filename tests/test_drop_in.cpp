@@ -233,8 +233,8 @@ TEST(FixedSizeTest, AWrongFixedShapeThrowsWithTheShape) {
 
 template <class X>
 std::vector<Index> shape_of(const X& x) {
-  std::vector<Index> d;
-  for (int i = 0; i < X::NumDimensions; ++i) d.push_back(x.dimension(i));
+  std::vector<Index> d(X::NumDimensions);
+  for (int i = 0; i < X::NumDimensions; ++i) d[static_cast<std::size_t>(i)] = x.dimension(i);
   return d;
 }
 
@@ -245,7 +245,7 @@ TYPED_TEST_SUITE(EmptyOutputTest, FloatLayers, FloatLayerNames);
 template <class Layer, int Layout>
 void expect_empty_outputs_sized_like_x() {
   using Tensor = Eigen::Tensor<float, 3, Layout>;
-  const Index n = 4 * 3 * 5;
+  const Index n = Index{4} * 3 * 5;
   Tensor x(4, 3, 5), dy(4, 3, 5), y_sized(4, 3, 5), dx_sized(4, 3, 5);
   const auto xv = nktest::random_vector(n, 48), dyv = nktest::random_vector(n, 49);
   std::copy(xv.begin(), xv.end(), x.data());
