@@ -34,7 +34,7 @@
 #include "core/channel_kernels.hpp"
 #include "core/trailing_norm.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 
@@ -856,4 +856,4 @@ class BatchNorm {
 
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

@@ -22,7 +22,7 @@
 #include "core/config.hpp"
 #include "core/elementwise_kernels.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 
@@ -392,4 +392,4 @@ class DyT {
 
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

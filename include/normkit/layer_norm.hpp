@@ -16,7 +16,7 @@
 #include "core/config.hpp"
 #include "core/trailing_norm.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 
@@ -66,4 +66,4 @@ class LayerNorm : public detail::TrailingNorm<T, true> {
 
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

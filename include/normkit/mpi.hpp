@@ -17,7 +17,7 @@
 #include "core/config.hpp"
 #include "batch_norm.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 namespace mpi {
@@ -52,4 +52,4 @@ class AllreduceReducer : public StatsReducer {
 }  // namespace mpi
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

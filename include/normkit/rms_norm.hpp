@@ -17,7 +17,7 @@
 #include "core/config.hpp"
 #include "core/trailing_norm.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 
@@ -73,4 +73,4 @@ class RMSNorm : public detail::TrailingNorm<T, false> {
 
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

@@ -29,7 +29,7 @@
 #include "norm_kernels.hpp"
 #include "parallel.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -876,4 +876,4 @@ void channel_map(const Dev& dev, const T* x, const T* dy, T* out, const ChannelV
 }  // namespace detail
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

@@ -37,7 +37,7 @@
 #include "simd.hpp"
 #include "tanh.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -549,4 +549,4 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
 }  // namespace detail
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

@@ -27,7 +27,7 @@
 #include "config.hpp"
 #include "simd.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -891,4 +891,4 @@ void cols_backward(const T* x, const T* dy, T* dx, Index F, Index ld, Index nc, 
 }  // namespace detail
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

@@ -26,7 +26,7 @@
 #include "config.hpp"
 #include "tensor.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -391,4 +391,4 @@ struct Workspace {
 }  // namespace detail
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

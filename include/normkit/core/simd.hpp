@@ -25,7 +25,7 @@
 #include "config.hpp"
 #include "tensor.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -390,4 +390,4 @@ EIGEN_ALWAYS_INLINE void for_each_packet(T* out, Index n, bool stream, F&& f) {
 }  // namespace detail
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

@@ -27,7 +27,7 @@
 
 #include "config.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 // Templates over __m256 & co. make GCC warn that the vector alignment attribute is
 // ignored in the template argument; Eigen silences the same warning in its own headers.
@@ -367,4 +367,4 @@ inline double tanh_grad_from_tanh(double t) {
 #pragma GCC diagnostic pop
 #endif
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

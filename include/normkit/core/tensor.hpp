@@ -19,7 +19,7 @@
 #include "config.hpp"
 #include "error.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -223,4 +223,4 @@ constexpr void check_same_type() {
 }  // namespace detail
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END

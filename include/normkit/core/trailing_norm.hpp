@@ -14,7 +14,7 @@
 #include "norm_kernels.hpp"
 #include "parallel.hpp"
 
-NORMKIT_DIAGNOSTICS_BEGIN
+NORMKIT_CODE_BEGIN
 
 namespace normkit {
 namespace detail {
@@ -375,4 +375,4 @@ class TrailingNorm {
 }  // namespace detail
 }  // namespace normkit
 
-NORMKIT_DIAGNOSTICS_END
+NORMKIT_CODE_END
