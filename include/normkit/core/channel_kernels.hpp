@@ -745,7 +745,7 @@ EIGEN_DONT_INLINE void run_map(const T* x, const T* dy, T* out, Index n, Acc m, 
   using P = packet_t<Acc>;
   const P pm = pset1<P>(m), pa = pset1<P>(a), pb = pset1<P>(b), pk = pset1<P>(k),
           pg = pset1<P>(g);
-  for_each_packet<Acc>(out, n, stream, [&](Index j, Index cnt, auto st) {
+  for_each_packet<Acc>(out, n, stream, [&](Index j, Index cnt, auto st) NORMKIT_INLINE_LAMBDA {
     const P d = psub(load_n<Acc>(x + j, cnt), pm);
     if constexpr (HasDy) {
       const P t = pmadd(d, pa, pmul(load_n<Acc>(dy + j, cnt), pg));
@@ -769,7 +769,7 @@ EIGEN_DONT_INLINE void chunk_map(const T* x, const T* dy, T* out, Index n, Index
   using namespace simd;
   using P = packet_t<Acc>;
   Index j = 0;  // the column of element e
-  for_each_packet<Acc>(out, n, stream, [&](Index e, Index cnt, auto st) {
+  for_each_packet<Acc>(out, n, stream, [&](Index e, Index cnt, auto st) NORMKIT_INLINE_LAMBDA {
     if (line_step<Acc, T>(e)) {
       prefetch(x, e + next);
       if constexpr (HasDy) prefetch(dy, e + next);

@@ -49,6 +49,19 @@
 #define NORMKIT_CODE_BEGIN NORMKIT_OPTIMIZE_PUSH_ NORMKIT_WARNINGS_PUSH_
 #define NORMKIT_CODE_END NORMKIT_WARNINGS_POP_ NORMKIT_OPTIMIZE_POP_
 
+// NORMKIT_INLINE_LAMBDA on a lambda that a kernel's loop calls once per packet (the
+// bodies for_each_packet runs): inlined whatever the compiler's heuristics. Clang 14 did
+// not inline them (for_each_packet calls each from up to three places), and then kept the
+// values they read in memory, read again after every packet store (which may alias
+// anything): BatchNorm training forward of 128x768 floats, 1 thread, median of 20000
+// calls, took 34.6-35.2 us with clang against 23.9 with GCC, and 26.4-26.8 with this
+// (backward 36.9-38.2 -> 28.9-29.5, GCC 27.6-28.5). GCC inlines them anyway.
+#if defined(__GNUC__) || defined(__clang__)
+#define NORMKIT_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define NORMKIT_INLINE_LAMBDA
+#endif
+
 // NORMKIT_SCALAR_CODE on a function: its loops run one element at a time, as written,
 // whatever the addresses. Left to itself, an optimizing compiler vectorizes plain loops
 // behind runtime checks (do the outputs overlap the inputs within a vector? is the
