@@ -186,7 +186,7 @@ void channel_map_forward(const Dev& dev, const Block3& v, const T* x, T* y, Acc*
                    const Index n = std::min(kRunSeg, v.inner - s0), off = run * v.inner + s0;
                    const P ps = pset1<P>(scale ? static_cast<Acc>(scale[c]) : Acc(1));
                    const P pb = pset1<P>(shift ? static_cast<Acc>(shift[c]) : -Acc(0));
-                   for_each_packet<Acc>(y + off, n, stream, [&](Index i, Index cnt, auto st) NORMKIT_INLINE_LAMBDA {
+                   for_each_packet<Acc>(y + off, n, stream, [&](Index i, Index cnt, auto st) {
                      const P u = f.value(load_n<Acc>(x + off + i, cnt));
                      if (u_out) store_n<Acc>(u_out + off + i, u, cnt, false);
                      store_n<Acc>(y + off + i, apply_affine<Acc>(u, ps, pb), cnt, st);
@@ -507,7 +507,7 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                    const P kv = pset1<P>(k[c]);
                    P ds = zero<Acc>(), dh = zero<Acc>(), dq = zero<Acc>();
                    auto segment = [&](auto cached) {
-                     for_each_packet<Acc>(dx + off, n, stream, [&](Index i, Index cnt, auto st) NORMKIT_INLINE_LAMBDA {
+                     for_each_packet<Acc>(dx + off, n, stream, [&](Index i, Index cnt, auto st) {
                        if (cnt == W)
                          element(cached, Yes{}, x + off + i, dy + off + i, dx + off + i,
                                  u_at(cached, off + i), kv, W, st, ds, dh, dq);

@@ -335,7 +335,7 @@ void row_map(const T* x, T* y, Index n, Affine<T> p, bool stream, const RowStats
     const packet_t<Acc> cm = coef.m, cd = coef.d, cr = coef.r, cnmr = coef.nmr;
     const T* const w = p.weight;
     const T* const b = p.bias;
-    for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, auto s) NORMKIT_INLINE_LAMBDA {
+    for_each_packet<Acc>(y, n, stream, [&](Index i, Index cnt, auto s) {
       simd::prefetch(x, n + i);
       simd::store_n<Acc>(y + i, row_map_packet<Fast, HasW, HasB, Acc>(x, i, cnt, cm, cd, cr, cnmr, w, b), cnt, s);
     });
@@ -609,7 +609,7 @@ void row_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Acc* dw
   using namespace simd;
   using P = packet_t<Acc>;
   const P r = xhat.r;
-  for_each_packet<Acc>(dx, n, stream, [&](Index j, Index cnt, auto st) NORMKIT_INLINE_LAMBDA {
+  for_each_packet<Acc>(dx, n, stream, [&](Index j, Index cnt, auto st) {
     prefetch(x, n + j);
     prefetch(dy, n + j);
     const P xh = xhat(load_n<Acc>(x + j, cnt));
@@ -670,7 +670,7 @@ void row_pair_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Ac
   using namespace simd;
   using P = packet_t<Acc>;
   const P ra = xa.r, rb = xb.r;
-  for_each_packet<Acc>(dx, n, false, [&](Index j, Index cnt, auto) NORMKIT_INLINE_LAMBDA {
+  for_each_packet<Acc>(dx, n, false, [&](Index j, Index cnt, auto) {
     prefetch(x, 2 * n + j);
     prefetch(dy, 2 * n + j);
     const P xha = xa(load_n<Acc>(x + j, cnt)), xhb = xb(load_n<Acc>(x + n + j, cnt));
