@@ -231,13 +231,6 @@ TEST(FixedSizeTest, AWrongFixedShapeThrowsWithTheShape) {
 
 // ---- Empty owning outputs are sized to x, as PyTorch sizes an empty out= tensor. ----
 
-template <class X>
-std::vector<Index> shape_of(const X& x) {
-  std::vector<Index> d(X::NumDimensions);
-  for (int i = 0; i < X::NumDimensions; ++i) d[static_cast<std::size_t>(i)] = x.dimension(i);
-  return d;
-}
-
 template <class Layer>
 class EmptyOutputTest : public ::testing::Test {};
 TYPED_TEST_SUITE(EmptyOutputTest, FloatLayers, FloatLayerNames);
@@ -259,8 +252,8 @@ void expect_empty_outputs_sized_like_x() {
   Tensor y, dx;  // default-constructed: no elements
   empty_layer.forward(x, y, empty_cache);
   empty_layer.backward(x, dy, empty_cache, dx, empty_grads);
-  ASSERT_EQ(shape_of(y), (std::vector<Index>{4, 3, 5}));
-  ASSERT_EQ(shape_of(dx), (std::vector<Index>{4, 3, 5}));
+  ASSERT_EQ(normkit::detail::dims_of(y), (std::vector<Index>{4, 3, 5}));
+  ASSERT_EQ(normkit::detail::dims_of(dx), (std::vector<Index>{4, 3, 5}));
   EXPECT_TRUE(nktest::bitwise_equal(flat(y.data(), n), flat(y_sized.data(), n))) << "y";
   EXPECT_TRUE(nktest::bitwise_equal(flat(dx.data(), n), flat(dx_sized.data(), n))) << "dx";
   EXPECT_TRUE(nktest::bitwise_equal(nktest::values(empty_grads.weight), nktest::values(sized_grads.weight)));
@@ -269,7 +262,7 @@ void expect_empty_outputs_sized_like_x() {
   Tensor y_inference(0, 7, 2);
   nktest::on_threads(2, [&](const auto& dev) { sized_layer.forward(dev, x, y_inference); });
   sized_layer.forward(x, y_sized);
-  ASSERT_EQ(shape_of(y_inference), (std::vector<Index>{4, 3, 5}));
+  ASSERT_EQ(normkit::detail::dims_of(y_inference), (std::vector<Index>{4, 3, 5}));
   EXPECT_TRUE(nktest::bitwise_equal(flat(y_inference.data(), n), flat(y_sized.data(), n))) << "y inference";
 }
 
@@ -288,15 +281,15 @@ TYPED_TEST(EmptyOutputTest, RefusedCallsLeaveAnEmptyOutputEmpty) {
   typename Layer::Cache cache;
   typename Layer::Grads grads;
   EXPECT_THROW(layer.forward(wrong, y, cache), normkit::Error);
-  EXPECT_EQ(shape_of(y), (std::vector<Index>{0, 0}));
+  EXPECT_EQ(normkit::detail::dims_of(y), (std::vector<Index>{0, 0}));
   // backward without a filled cache is refused after dx passed its own check
   EXPECT_THROW(layer.backward(x, dy, cache, dx, grads), normkit::Error);
-  EXPECT_EQ(shape_of(dx), (std::vector<Index>{0, 0}));
+  EXPECT_EQ(normkit::detail::dims_of(dx), (std::vector<Index>{0, 0}));
   if constexpr (std::is_same_v<Layer, normkit::BatchNorm<float>>) {
     Tensor one_row(1, 5);
     one_row.setConstant(1.0f);
     EXPECT_THROW(layer.forward(one_row, y), normkit::Error);  // one value per channel
-    EXPECT_EQ(shape_of(y), (std::vector<Index>{0, 0}));
+    EXPECT_EQ(normkit::detail::dims_of(y), (std::vector<Index>{0, 0}));
     // With a reducer that check comes after the reductions (here over one process).
     struct OneProcess : normkit::StatsReducer {
       void allreduce_sum(double*, Index) override {}
@@ -304,12 +297,12 @@ TYPED_TEST(EmptyOutputTest, RefusedCallsLeaveAnEmptyOutputEmpty) {
     normkit::BatchNorm<float> synced(
         5, normkit::BatchNormOptions().channel_axis(-1).reducer(std::make_shared<OneProcess>()));
     EXPECT_THROW(synced.forward(one_row, y), normkit::Error);
-    EXPECT_EQ(shape_of(y), (std::vector<Index>{0, 0}));
+    EXPECT_EQ(normkit::detail::dims_of(y), (std::vector<Index>{0, 0}));
     Tensor y_local(3, 5);
     x.setValues({{1, 2, 3, 4, 5}, {0, -1, 2, 7, 1}, {3, 3, 1, 0, 2}});
     layer.forward(x, y_local);
     synced.forward(x, y);
-    ASSERT_EQ(shape_of(y), (std::vector<Index>{3, 5}));
+    ASSERT_EQ(normkit::detail::dims_of(y), (std::vector<Index>{3, 5}));
     EXPECT_TRUE(nktest::bitwise_equal(flat(y.data(), 15), flat(y_local.data(), 15)));
   }
 }
