@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
-# The reliability jobs of CI (issue 7), in about 10 minutes on 2 cores:
+# The reliability jobs of CI (issue 7), in about 12 minutes on 2 cores:
 #   1. the whole test suite under AddressSanitizer + UndefinedBehaviorSanitizer (the
 #      `asan` preset; the exhaustive tanh test is left to the release run, the fuzz
-#      target's replay to step 3, the compile-only header_warnings to step 2);
-#   2. the concurrency test under ThreadSanitizer, and in the same clang build the
+#      target's replay to step 4, the compile-only header_warnings to step 3), built
+#      with the default compiler (GCC);
+#   2. the same with clang (`asan-clang`): the release suite is GCC's, so this is where
+#      every test is also compiled and run by the other compiler (about 2 minutes);
+#   3. the concurrency test under ThreadSanitizer, and in the same clang build the
 #      header_warnings target (the headers under -Wconversion -Wsign-conversion ...
 #      -Werror; the release build compiles it with GCC);
-#   3. the libFuzzer target (ASan + UBSan) for FUZZ_SECONDS (default 120) from the
+#   4. the libFuzzer target (ASan + UBSan) for FUZZ_SECONDS (default 120) from the
 #      seed corpus, reporting executions per second and in total;
-#   4. clang-tidy (.clang-tidy) over the headers, with the fuzz target's translation
+#   5. clang-tidy (.clang-tidy) over the headers, with the fuzz target's translation
 #      units: they instantiate every layer for every scalar type, rank 1-3, both
 #      layouts, forward and backward, on both devices (run alongside the fuzzer).
-# Build directories: build/asan (the preset's), build/tsan, build/fuzz, build/tidy.
+# Build directories: build/asan (the preset's), build/asan-clang, build/tsan, build/fuzz,
+# build/tidy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS="${JOBS:-2}"
 FUZZ_SECONDS="${FUZZ_SECONDS:-120}"
 # Which jobs to run (all by default, as .ci/run does).
-STEPS=" ${STEPS:-asan tsan fuzz tidy} "
+STEPS=" ${STEPS:-asan asan-clang tsan fuzz tidy} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 step() { printf '\n==== %s (%s)\n' "$1" "$(date +%T)"; }
 
 if want asan; then
-step "1/4 ASan + UBSan: build and run the test suite"
+step "1/5 ASan + UBSan: build and run the test suite"
 cmake --preset asan -DNORMKIT_BUILD_EXAMPLES=OFF
 cmake --build --preset asan -j "$JOBS"
 ASAN_OPTIONS="detect_leaks=1:strict_string_checks=1:check_initialization_order=1" \
@@ -32,8 +36,18 @@ UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
 
 fi
 
+if want asan-clang; then
+step "2/5 ASan + UBSan with clang: build and run the test suite"
+cmake --preset asan -B build/asan-clang -DCMAKE_CXX_COMPILER=clang++ -DNORMKIT_BUILD_EXAMPLES=OFF
+cmake --build build/asan-clang -j "$JOBS"
+ASAN_OPTIONS="detect_leaks=1:strict_string_checks=1:check_initialization_order=1" \
+UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+  ctest --test-dir build/asan-clang -j "$JOBS" --label-exclude exhaustive --output-on-failure --no-tests=error
+
+fi
+
 if want tsan; then
-step "2/4 TSan: concurrent use of one layer and one ThreadPoolDevice; header_warnings (and _mpi) with clang"
+step "3/5 TSan: concurrent use of one layer and one ThreadPoolDevice; header_warnings (and _mpi) with clang"
 cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_CXX_FLAGS="-fsanitize=thread -fno-omit-frame-pointer" \
   -DNORMKIT_BUILD_BENCH=OFF -DNORMKIT_PEERS=OFF -DNORMKIT_BUILD_EXAMPLES=OFF
@@ -53,7 +67,7 @@ fi
 # fuzzer it runs in the background, on the core the fuzzer (one process) leaves free.
 tidy_pid=
 if want tidy; then
-step "4/4 clang-tidy over include/normkit (started; its result is printed at the end)"
+step "5/5 clang-tidy over include/normkit (started; its result is printed at the end)"
 cmake -S . -B build/tidy -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_EXPORT_COMPILE_COMMANDS=ON -DNORMKIT_BUILD_BENCH=OFF -DNORMKIT_PEERS=OFF -DNORMKIT_BUILD_EXAMPLES=OFF >/dev/null
 tidy_jobs=1
@@ -68,7 +82,7 @@ fi
 
 fuzz_status=0
 if want fuzz; then
-step "3/4 libFuzzer: ${FUZZ_SECONDS} s from tests/fuzz/corpus"
+step "4/5 libFuzzer: ${FUZZ_SECONDS} s from tests/fuzz/corpus"
 # -O1: the target instantiates all layers x 4 types x 3 ranks x 2 layouts x 2 devices
 # under ASan + UBSan + coverage; -O2 costs much more build time than it gains in exec/s.
 cmake -S . -B build/fuzz -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O1" \
