@@ -268,8 +268,10 @@ class BatchNorm {
     const bool batch = batch_stats();
     StatsReducer* red = opt_.reducer().get();
     // y is resized (if it is to be) after the last check: in training mode, the one of
-    // the values per channel, which with a reducer comes after the reductions.
-    if (!batch) detail::fit_output(y, dims);
+    // the values per channel, which with a reducer (every process must join the
+    // reductions, and the count that matters is the global one) comes after them.
+    if (batch && !red && v.count() == 1) too_few_values(fn, dims);
+    if (!(batch && red)) detail::fit_output(y, dims);
     const Index C = C_;
     // Statistics in Fin (wider than Acc); m[c] is the mean rounded to Acc and corr[c] the
     // rest of it (a large offset is not representable in Acc to the precision of the spread).
@@ -281,10 +283,6 @@ class BatchNorm {
     double count = 0;
     detail::IndexVector<detail::Moments> mom;
     if (batch) {
-      // Without a reducer the checks come first; with one, every process must join the
-      // reductions, and the count that matters is the global one.
-      if (!red && v.count() == 1) too_few_values(fn, dims);
-      if (!red) detail::fit_output(y, dims);
       mom.resize(C);
       count = x.size() == 0 ? 0.0 : static_cast<double>(v.count());
       if (!red && count > 0 && v.row_path()) {
@@ -312,9 +310,11 @@ class BatchNorm {
         return;
       }
       detail::channel_moments(dev, x.data(), v, moments_work_, mom.data());
-      if (red) count = reduce_moments(*red, mom);
-      if (count == 1) too_few_values(fn, dims);
-      detail::fit_output(y, dims);
+      if (red) {
+        count = reduce_moments(*red, mom);
+        if (count == 1) too_few_values(fn, dims);
+        detail::fit_output(y, dims);
+      }
       if (count == 0) {  // nothing to normalize anywhere: no statistics, no update
         if (cache) fill_cache(*cache, dims, batch, nullptr, nullptr, 0, {});
         return;
