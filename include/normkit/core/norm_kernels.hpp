@@ -519,7 +519,10 @@ NORMKIT_SCALAR_CODE void row_backward_wide(const T* x, const T* dy, T* dx, Index
 /// (Fast), or ((x - mean) - c) * rstd for rows with a large offset (see kFastOffset).
 /// A value, not a lambda over references: the kernels' stores go through may-alias
 /// vector types, and a loop that reads its constants through references reloads them
-/// after every store.
+/// after every store. Built inside each kernel from the row's scalars, not passed to it:
+/// passed by value, its four packets went through the stack, and with clang 14 the
+/// kernel's first load of them waited for the caller's stores (LayerNorm backward
+/// of 128x768 floats, 1 thread: row_grad_sums spent 44% of its time on that load).
 template <bool Fast, class Acc>
 struct RowXhat {
   using P = packet_t<Acc>;
@@ -551,12 +554,13 @@ EIGEN_STRONG_INLINE packet_t<Acc> times_weight(const packet_t<Acc>& d, const T* 
 /// Pass 1 of row_backward: B = sum(g), C = sum(g * xhat), kRowAcc / 2 accumulators
 /// each to keep the dependency chains short; the tail in packets too (zero-filled lanes
 /// add g = 0).
-template <bool HasW, class Acc, class T, class Xhat>
-void row_grad_sums(const T* x, const T* dy, const T* w, Index n, const Xhat xhat, Acc& B,
+template <bool HasW, bool Fast, class Acc, class T>
+void row_grad_sums(const T* x, const T* dy, const T* w, Index n, Acc mean, Acc rstd, Acc corr, Acc& B,
                    Acc& C) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>, K = kRowAcc / 2;
+  const RowXhat<Fast, Acc> xhat(mean, rstd, corr);
   P b[K], c[K];
   for (Index k = 0; k < K; ++k) b[k] = c[k] = zero<Acc>();
   Index i = 0;
@@ -578,7 +582,8 @@ void row_grad_sums(const T* x, const T* dy, const T* w, Index n, const Xhat xhat
 }
 
 /// Pass 2's constants of a row from pass 1's sums B = sum(g), C = sum(g * xhat):
-/// k0 = -rstd * mean(g) (0 without centering), nk1 = -rstd * mean(g * xhat).
+/// k0 = -rstd * mean(g) (0 without centering), nk1 = -rstd * mean(g * xhat). Built
+/// inside the kernel, as RowXhat.
 template <bool Center, class Acc>
 struct GradCoefs {
   using P = packet_t<Acc>;
@@ -603,13 +608,15 @@ EIGEN_STRONG_INLINE packet_t<Acc> grad_dx(const packet_t<Acc>& xh, const packet_
 /// Pass 2 of row_backward: dx = fma(g, rstd, k0) + xhat * nk1, dw += dy * xhat,
 /// db += dy; prefetches the next row. Which partials exist is a template argument, so
 /// the loop has no branch.
-template <bool HasW, bool HasDW, bool HasDB, bool Center, class Acc, class T, class Xhat>
-void row_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Acc* dw, Acc* db,
-                    const Xhat xhat, const GradCoefs<Center, Acc> k, bool stream) {
+template <bool HasW, bool HasDW, bool HasDB, bool Center, bool Fast, class Acc, class T>
+void row_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Acc* dw, Acc* db, Acc mean,
+                    Acc rstd, Acc corr, Acc B, Acc C, bool stream) {
   using namespace simd;
   using P = packet_t<Acc>;
+  const RowXhat<Fast, Acc> xhat(mean, rstd, corr);
+  const GradCoefs<Center, Acc> k(B, C, rstd, n);
   const P r = xhat.r;
-  for_each_packet<Acc>(dx, n, stream, [&](Index j, Index cnt, auto st) {
+  for_each_packet<Acc>(dx, n, stream, [&](Index j, Index cnt, auto st) NORMKIT_INLINE_LAMBDA {
     prefetch(x, n + j);
     prefetch(dy, n + j);
     const P xh = xhat(load_n<Acc>(x + j, cnt));
@@ -634,18 +641,16 @@ void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, c
   const Acc c = fast ? Acc(0) : row_sum<true>(x, n, mean) / static_cast<Acc>(n);  // divide, as row_forward
   auto run = [&](auto fast_c) {
     constexpr bool Fast = decltype(fast_c)::value;
-    const RowXhat<Fast, Acc> xhat(mean, rstd, c);
     Acc B, C;
-    row_grad_sums<HasW>(x, dy, w, n, xhat, B, C);
+    row_grad_sums<HasW, Fast>(x, dy, w, n, mean, rstd, c, B, C);
     if (!(std::isfinite(B) && std::isfinite(C)) && all_finite(x, n) && all_finite(dy, n) &&
         std::isfinite(mean) && std::isfinite(rstd)) {
       row_backward_wide<Center>(x, dy, dx, n, 1, mean, rstd, HasW ? w : nullptr, dw, db);
       return;
     }
-    const GradCoefs<Center, Acc> k(B, C, rstd, n);
     auto apply = [&](auto has_dw, auto has_db) {
-      row_grad_apply<HasW, decltype(has_dw)::value, decltype(has_db)::value>(x, dy, dx, n, w, dw, db, xhat,
-                                                                             k, stream);
+      row_grad_apply<HasW, decltype(has_dw)::value, decltype(has_db)::value, Center, Fast>(
+          x, dy, dx, n, w, dw, db, mean, rstd, c, B, C, stream);
     };
     if (dw)
       db ? apply(std::true_type{}, std::true_type{}) : apply(std::true_type{}, std::false_type{});
@@ -663,14 +668,15 @@ void row_backward(const T* x, const T* dy, T* dx, Index n, Acc mean, Acc rstd, c
 /// order as row_grad_apply on a, then on b (a's term stays in a register for b's). Plain
 /// stores: for rows in cache, where the partials' loads and stores were a third of
 /// the loop's memory operations.
-template <bool HasW, bool HasDW, bool HasDB, bool Center, class Acc, class T, class Xhat>
+template <bool HasW, bool HasDW, bool HasDB, bool Center, class Acc, class T>
 void row_pair_grad_apply(const T* x, const T* dy, T* dx, Index n, const T* w, Acc* dw, Acc* db,
-                         const Xhat xa, const GradCoefs<Center, Acc> ka, const Xhat xb,
-                         const GradCoefs<Center, Acc> kb) {
+                         Acc mean_a, Acc rstd_a, Acc Ba, Acc Ca, Acc mean_b, Acc rstd_b, Acc Bb, Acc Cb) {
   using namespace simd;
   using P = packet_t<Acc>;
+  const RowXhat<true, Acc> xa(mean_a, rstd_a, Acc(0)), xb(mean_b, rstd_b, Acc(0));
+  const GradCoefs<Center, Acc> ka(Ba, Ca, rstd_a, n), kb(Bb, Cb, rstd_b, n);
   const P ra = xa.r, rb = xb.r;
-  for_each_packet<Acc>(dx, n, false, [&](Index j, Index cnt, auto) {
+  for_each_packet<Acc>(dx, n, false, [&](Index j, Index cnt, auto) NORMKIT_INLINE_LAMBDA {
     prefetch(x, 2 * n + j);
     prefetch(dy, 2 * n + j);
     const P xha = xa(load_n<Acc>(x + j, cnt)), xhb = xb(load_n<Acc>(x + n + j, cnt));
@@ -691,13 +697,12 @@ template <bool Center, bool HasW, bool HasDW, bool HasDB, class Acc, class T>
 bool row_pair_backward(const T* x, const T* dy, T* dx, Index n, Acc mean_a, Acc rstd_a, Acc mean_b,
                        Acc rstd_b, const T* w, Acc* dw, Acc* db) {
   if (Center && !(fast_row(mean_a, rstd_a) && fast_row(mean_b, rstd_b))) return false;
-  const RowXhat<true, Acc> xa(mean_a, rstd_a, Acc(0)), xb(mean_b, rstd_b, Acc(0));
   Acc Ba, Ca, Bb, Cb;
-  row_grad_sums<HasW>(x, dy, w, n, xa, Ba, Ca);
-  row_grad_sums<HasW>(x + n, dy + n, w, n, xb, Bb, Cb);
+  row_grad_sums<HasW, true>(x, dy, w, n, mean_a, rstd_a, Acc(0), Ba, Ca);
+  row_grad_sums<HasW, true>(x + n, dy + n, w, n, mean_b, rstd_b, Acc(0), Bb, Cb);
   if (!(std::isfinite(Ba) && std::isfinite(Ca) && std::isfinite(Bb) && std::isfinite(Cb))) return false;
-  row_pair_grad_apply<HasW, HasDW, HasDB>(x, dy, dx, n, w, dw, db, xa, GradCoefs<Center, Acc>(Ba, Ca, rstd_a, n),
-                                          xb, GradCoefs<Center, Acc>(Bb, Cb, rstd_b, n));
+  row_pair_grad_apply<HasW, HasDW, HasDB, Center>(x, dy, dx, n, w, dw, db, mean_a, rstd_a, Ba, Ca, mean_b,
+                                                  rstd_b, Bb, Cb);
   return true;
 }
 
