@@ -57,11 +57,11 @@
 // calls, took 34.6-35.2 us with clang against 23.9 with GCC, and 26.4-26.8 with this
 // (backward 36.9-38.2 -> 28.9-29.5, GCC 27.6-28.5). GCC inlines them anyway.
 // Only inside a function compiled once for every device (EIGEN_DONT_INLINE, not
-// templated on the device, as BatchNorm's run_map and chunk_map): inlined into code that
-// is instantiated per device, the packet code is compiled once per device, and two
-// copies may order an FMA's operands differently, which changes which NaN survives. On
-// DyT's backward the fuzz replay caught exactly that (dweight -nan on 1 thread, nan on 2,
-// GCC 12 -O3).
+// templated on the device: BatchNorm's run_map and chunk_map, LayerNorm's and RMSNorm's
+// rows_backward): inlined into code that is instantiated per device, the packet code is
+// compiled once per device, and two copies may order an FMA's operands differently,
+// which changes which NaN survives. On DyT's backward the fuzz replay caught exactly
+// that (dweight -nan on 1 thread, nan on 2, GCC 12 -O3).
 #if defined(__GNUC__) || defined(__clang__)
 #define NORMKIT_INLINE_LAMBDA __attribute__((always_inline))
 #else
