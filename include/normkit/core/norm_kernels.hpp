@@ -750,15 +750,16 @@ inline constexpr Index kColSumBlock = 32;  // features per partial sum of square
 template <class Acc>
 inline constexpr Index col_packets = kColTile / packet_size<Acc>;
 
-/// Statistics and y for columns [0, nc) of a tile, nc <= kColTile.
-template <bool Center, bool HasW, bool HasB, class Acc, class T>
-void cols_forward(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, Affine<T> p,
-                  bool stream, Acc* mean, Acc* rstd) {
+/// Statistics and y for columns [0, nc) of a tile, nc <= kColTile, in NP packets (0: as
+/// many as nc needs, counted at run time). See cols_forward.
+template <bool Center, bool HasW, bool HasB, Index NP, class Acc, class T>
+void cols_forward_tile(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, Affine<T> p,
+                       bool stream, Acc* mean, Acc* rstd) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
-  const Index np = (nc + W - 1) / W;
-  auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
+  const Index np = NP > 0 ? NP : (nc + W - 1) / W;
+  auto cnt = [&](Index k) { return NP > 0 || k + 1 < np ? W : nc - k * W; };
   const P inv_f = pset1<P>(Acc(1) / static_cast<Acc>(F));
   P s[col_packets<Acc>], d[col_packets<Acc>], e[col_packets<Acc>], r[col_packets<Acc>];
   for (Index k = 0; k < np; ++k) {
@@ -834,15 +835,31 @@ void cols_forward(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, Affine
   }
 }
 
-/// Backward for columns [0, nc) of a tile. dw/db: per-feature Acc partials (or null).
-template <bool Center, bool HasW, class Acc, class T>
-void cols_backward(const T* x, const T* dy, T* dx, Index F, Index ld, Index nc, const Acc* mean,
-                   const Acc* rstd, const T* w, Acc* dw, Acc* db) {
+/// Statistics and y for columns [0, nc) of a tile, nc <= kColTile. A whole tile goes
+/// with its packet count known at compile time: the loops over the packets unroll and
+/// the per-column accumulators stay in registers; counted at run time they lived on the
+/// stack, each sum's next term waiting for the last one's store (LayerNorm forward of
+/// 128x768 floats ColMajor, 1 thread: 36.9 us, against 10.4 RowMajor). The same
+/// operations in the same order, so the same bits.
+template <bool Center, bool HasW, bool HasB, class Acc, class T>
+void cols_forward(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, Affine<T> p,
+                  bool stream, Acc* mean, Acc* rstd) {
+  if (nc == kColTile)
+    cols_forward_tile<Center, HasW, HasB, col_packets<Acc>>(x, y, F, ld, nc, eps, p, stream, mean, rstd);
+  else
+    cols_forward_tile<Center, HasW, HasB, 0>(x, y, F, ld, nc, eps, p, stream, mean, rstd);
+}
+
+/// Backward for columns [0, nc) of a tile, in NP packets (0: counted at run time), as
+/// cols_forward_tile. dw/db: per-feature Acc partials (or null).
+template <bool Center, bool HasW, Index NP, class Acc, class T>
+void cols_backward_tile(const T* x, const T* dy, T* dx, Index F, Index ld, Index nc, const Acc* mean,
+                        const Acc* rstd, const T* w, Acc* dw, Acc* db) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
-  const Index np = (nc + W - 1) / W;
-  auto cnt = [&](Index k) { return k + 1 < np ? W : nc - k * W; };
+  const Index np = NP > 0 ? NP : (nc + W - 1) / W;
+  auto cnt = [&](Index k) { return NP > 0 || k + 1 < np ? W : nc - k * W; };
   P m[col_packets<Acc>], r[col_packets<Acc>], A[col_packets<Acc>], B[col_packets<Acc>],
       C[col_packets<Acc>];
   for (Index k = 0; k < np; ++k) {
@@ -918,6 +935,18 @@ void cols_backward(const T* x, const T* dy, T* dx, Index F, Index ld, Index nc, 
     if (dw) dw[f] += predux(sdw);
     if (db) db[f] += predux(sdb);
   }
+}
+
+/// Backward for columns [0, nc) of a tile, nc <= kColTile; a whole tile with its packet
+/// count known at compile time, as cols_forward (LayerNorm backward of 128x768 floats
+/// ColMajor, 1 thread: 31.1 us, against 17.8 RowMajor). The same bits.
+template <bool Center, bool HasW, class Acc, class T>
+void cols_backward(const T* x, const T* dy, T* dx, Index F, Index ld, Index nc, const Acc* mean,
+                   const Acc* rstd, const T* w, Acc* dw, Acc* db) {
+  if (nc == kColTile)
+    cols_backward_tile<Center, HasW, col_packets<Acc>>(x, dy, dx, F, ld, nc, mean, rstd, w, dw, db);
+  else
+    cols_backward_tile<Center, HasW, 0>(x, dy, dx, F, ld, nc, mean, rstd, w, dw, db);
 }
 
 }  // namespace detail
