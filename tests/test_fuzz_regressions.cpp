@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "fuzz/reference_layers.hpp"
+#include "test_support.hpp"
 
 namespace {
 
@@ -60,7 +61,7 @@ using normkit::Index;
 template <class T>
 class ConstantRowTest : public ::testing::Test {};
 using Scalars = ::testing::Types<float, double, Eigen::half, Eigen::bfloat16>;
-TYPED_TEST_SUITE(ConstantRowTest, Scalars);
+TYPED_TEST_SUITE(ConstantRowTest, Scalars, nktest::ScalarNames);
 
 template <class T, int Layout>
 void check_constant_rows(Index rows, Index features, double value) {
@@ -94,7 +95,7 @@ TEST(LayerNormWideRowTest, HugeOffsetRowMatchesTheReference) {
   const std::vector<double> xs = {-1.0802496466520738e+207, -1.0802496466013001e+207, -1.0802496466013001e+207,
                                   -1.0802496466013001e+207, -1.0802496466013001e+207, -1.0802496466013001e+207};
   const Index n = static_cast<Index>(xs.size());
-  normkit::LayerNorm<double> layer({n}, normkit::LayerNormOptions().eps(1000).elementwise_affine(false));
+  normkit::LayerNorm<double> layer(n, normkit::LayerNormOptions().eps(1000).elementwise_affine(false));
   const nkref::Shape3 s{1, static_cast<long>(n), 1};
   std::vector<nkref::LD> xl(xs.begin(), xs.end()), dyl(xs.size());
   for (std::size_t i = 0; i < xs.size(); ++i) dyl[i] = 0.5L - 0.25L * static_cast<nkref::LD>(i);
@@ -295,7 +296,7 @@ TEST(RMSNormColumnTest, NanSignDoesNotDependOnWhereDxIs) {
   std::vector<float> x(16), dy_dx(32, -7.25f), dx_far(16 + 1024, -7.25f);
   std::memcpy(x.data(), xb, sizeof xb);
   std::memcpy(dy_dx.data(), db, sizeof db);
-  normkit::RMSNorm<float> layer({4}, normkit::RMSNormOptions().eps(1000));
+  normkit::RMSNorm<float> layer(4, normkit::RMSNormOptions().eps(1000));
   const float w[4] = {1.0075335958495435e-42f, -1.1098283837452551e-42f, 4.0077136079689768e-43f,
                       -1.049572549779288e-42f};
   for (Index i = 0; i < 4; ++i) layer.weight()(i) = w[i];
@@ -321,7 +322,7 @@ TEST(RMSNormColumnTest, NanSignDoesNotDependOnWhereDxIs) {
 void check_rms_rows(const std::vector<double>& xs, const std::vector<double>& dys, Index F, double eps,
                     const std::vector<double>& w) {
   const Index rows = static_cast<Index>(xs.size()) / F;
-  normkit::RMSNorm<double> layer({F}, normkit::RMSNormOptions().eps(eps).elementwise_affine(!w.empty()));
+  normkit::RMSNorm<double> layer(F, normkit::RMSNormOptions().eps(eps).elementwise_affine(!w.empty()));
   for (Index f = 0; f < static_cast<Index>(w.size()); ++f) layer.weight()(f) = w[static_cast<std::size_t>(f)];
   const nkref::Shape3 s{static_cast<long>(rows), static_cast<long>(F), 1};
   nkref::Params p;

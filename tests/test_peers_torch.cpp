@@ -55,7 +55,7 @@ std::vector<double> from_torch(const torch::Tensor& t) {
 template <class T>
 class TorchPeer : public ::testing::Test {};
 using Scalars = ::testing::Types<float, double, Eigen::half, Eigen::bfloat16>;
-TYPED_TEST_SUITE(TorchPeer, Scalars);
+TYPED_TEST_SUITE(TorchPeer, Scalars, nktest::ScalarNames);
 
 // ---- LayerNorm and RMSNorm: torch::nn::LayerNorm and torch.nn.RMSNorm's expression.
 

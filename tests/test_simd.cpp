@@ -4,6 +4,8 @@
 // scalar helpers of branch-free loops: blend picks its operand bit for bit (signed zeros,
 // NaN payloads), all_finite finds one non-finite value at any place, contiguous or
 // strided.
+#include "test_support.hpp"
+
 #include <normkit/core/simd.hpp>
 
 #include <gtest/gtest.h>
@@ -44,7 +46,7 @@ bool same_bits(F a, F b) {
 template <class F>
 class SimdSqrt : public ::testing::Test {};
 using Floats = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(SimdSqrt, Floats);
+TYPED_TEST_SUITE(SimdSqrt, Floats, nktest::ScalarNames);
 
 TYPED_TEST(SimdSqrt, PsqrtExactIsTheCorrectlyRoundedSquareRootInEveryLane) {
   using F = TypeParam;
@@ -93,7 +95,7 @@ std::vector<F> special_values() {
 
 template <class F>
 class SimdHelpers : public ::testing::Test {};
-TYPED_TEST_SUITE(SimdHelpers, Floats);
+TYPED_TEST_SUITE(SimdHelpers, Floats, nktest::ScalarNames);
 
 TYPED_TEST(SimdHelpers, BlendKeepsTheChosenOperandBitForBit) {
   using F = TypeParam;

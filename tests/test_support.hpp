@@ -23,6 +23,21 @@ namespace nktest {
 using Index = Eigen::Index;
 using LD = long double;
 
+/// Readable names for typed tests over scalar types (TYPED_TEST_SUITE's third argument).
+struct ScalarNames {
+  template <class T>
+  static std::string GetName(int) {
+    if constexpr (std::is_same_v<T, float>)
+      return "float";
+    else if constexpr (std::is_same_v<T, double>)
+      return "double";
+    else if constexpr (std::is_same_v<T, Eigen::half>)
+      return "half";
+    else
+      return "bfloat16";
+  }
+};
+
 /// The message of the normkit::Error that f() throws, or a line saying none was thrown.
 template <class F>
 std::string error_of(F&& f) {
