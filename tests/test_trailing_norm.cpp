@@ -460,27 +460,30 @@ TEST(LayerNormTest, LargeOffsetRowsNormalizeAccuratelyColMajor) { large_offset_c
 // the same float inputs. The budget: rows whose mean is within 4 standard deviations of
 // zero are normalized as fma(x, rstd, -mean * rstd), and mean * rstd (up to 4) rounds
 // to 2 ulp of 1; the rounding of the mean itself costs as much again, then rstd's
-// and the fma's. Measured: contiguous rows at most 2.7 with two passes only, 2.6 with
-// one-pass rows; ColMajor (strided columns, always two passes) 4.4 on the ramp, whose
-// mean is 2.9 std from zero. The floor of 1: a row of one element, whose variance is
-// 0, normalizes to 0 within that.
+// and the fma's. Measured: contiguous rows at most 3.7 (the ramp, F 1000); ColMajor
+// (strided columns, one pass around the mean of a column's first 32 values, else two
+// more; always (x - s - d) * rstd, never the fma) 4.5 (the outlier head, F 1000).
+// kMixed: the kinds in turn, row by row, so that a ColMajor tile holds columns of either
+// path. The floor of 1: a row of one element, whose variance is 0, normalizes to 0
+// within that.
 template <int L>
 void one_pass_rows_case(Index F) {
   const Index rows = 64;
-  enum Kind { kStationary, kOffsetMean, kOutlierHead, kRamp, kLargeOffset, kLargeOffsetHead };
-  for (int kind = kStationary; kind <= kLargeOffsetHead; ++kind) {
+  enum Kind { kStationary, kOffsetMean, kOutlierHead, kRamp, kLargeOffset, kLargeOffsetHead, kMixed };
+  for (int kind = kStationary; kind <= kMixed; ++kind) {
     std::mt19937 gen(static_cast<unsigned>(kind + 17));
     std::normal_distribution<double> n01(0, 1);
     std::vector<double> xs(static_cast<std::size_t>(rows * F));
     for (Index r = 0; r < rows; ++r)
       for (Index j = 0; j < F; ++j) {
         const double z = n01(gen), head = j < 8 ? 1.0 : 0.0;  // the first packet
+        const int k = kind == kMixed ? static_cast<int>(r % kMixed) : kind;
         double v = z;
-        if (kind == kOffsetMean) v = 3 + z;
-        if (kind == kOutlierHead) v = z + 50 * head;  // shift 50 std from the mean: two passes
-        if (kind == kRamp) v = 0.01 * static_cast<double>(j) + 0.001 * z;  // drifts: two passes
-        if (kind == kLargeOffset) v = 1e4 + 0.1 * z;
-        if (kind == kLargeOffsetHead) v = 1e4 + 0.1 * z + head;
+        if (k == kOffsetMean) v = 3 + z;
+        if (k == kOutlierHead) v = z + 50 * head;  // shift 50 std from the mean: two passes
+        if (k == kRamp) v = 0.01 * static_cast<double>(j) + 0.001 * z;  // drifts: two passes
+        if (k == kLargeOffset) v = 1e4 + 0.1 * z;
+        if (k == kLargeOffsetHead) v = 1e4 + 0.1 * z + head;
         xs[static_cast<std::size_t>(r * F + j)] = static_cast<double>(static_cast<float>(v));
       }
     normkit::LayerNorm<float> ln(F);
@@ -507,6 +510,43 @@ TEST(LayerNormTest, RowsSummedInOneOrTwoPassesStayWithinEightUlp) {
   for (Index F : {1, 5, 8, 13, 768, 1000}) {
     one_pass_rows_case<Eigen::RowMajor>(F);
     one_pass_rows_case<Eigen::ColMajor>(F);
+  }
+}
+
+// A ColMajor tensor is normalized a tile of 64 logical rows (its columns in memory) at a
+// time, each row taking one pass or two more of its own (see one_pass_rows_case): a row's
+// y, mean and rstd are the same bits whichever rows share its tile. Here the even rows
+// stay (one pass) and the odd ones are one-pass rows in `a` and rows that need the
+// second passes in `b` (a ramp; from 768 features also a head 50 std away, which shorter
+// rows absorb); 70 rows: a full tile and a partial one.
+TEST(LayerNormTest, ColMajorRowsDoNotDependOnTheirTileNeighbours) {
+  using Tensor2C = Eigen::Tensor<float, 2, Eigen::ColMajor>;
+  const Index rows = 70;
+  for (Index F : {1, 5, 100, 768}) {
+    std::mt19937 gen(static_cast<unsigned>(F));
+    std::normal_distribution<float> n01(0, 1);
+    Tensor2C a(rows, F), b(rows, F), ya(rows, F), yb(rows, F);
+    for (Index r = 0; r < rows; ++r)
+      for (Index j = 0; j < F; ++j) {
+        const float z = n01(gen);
+        a(r, j) = r % 4 == 0 ? 1e4f + 0.1f * z : z;
+        b(r, j) = a(r, j);
+        if (r % 4 == 1 || (r % 4 == 3 && F < 768))
+          b(r, j) = 0.01f * static_cast<float>(j) + 0.001f * z;
+        else if (r % 4 == 3)
+          b(r, j) = z + (j < 8 ? 50.f : 0.f);
+      }
+    normkit::LayerNorm<float> ln(F);
+    normkit::LayerNorm<float>::Cache ca, cb;
+    ln.forward(a, ya, ca);
+    ln.forward(b, yb, cb);
+    for (Index r = 0; r < rows; r += 2) {
+      for (Index j = 0; j < F; ++j)
+        ASSERT_EQ(0, std::memcmp(&ya(r, j), &yb(r, j), sizeof(float)))
+            << "F " << F << ", row " << r << ", feature " << j << ": " << ya(r, j) << " vs " << yb(r, j);
+      EXPECT_EQ(0, std::memcmp(&ca.mean(r), &cb.mean(r), sizeof(float))) << "F " << F << ", mean of row " << r;
+      EXPECT_EQ(0, std::memcmp(&ca.rstd(r), &cb.rstd(r), sizeof(float))) << "F " << F << ", rstd of row " << r;
+    }
   }
 }
 

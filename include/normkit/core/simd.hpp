@@ -88,12 +88,19 @@ F blend(bool on, F x, F y) {
 namespace simd {
 
 using Eigen::internal::padd;
+using Eigen::internal::pand;
+using Eigen::internal::pandnot;
+using Eigen::internal::pcmp_eq;
+using Eigen::internal::pcmp_le;
 using Eigen::internal::pdiv;
 using Eigen::internal::pmadd;
 using Eigen::internal::pmul;
 using Eigen::internal::predux;
+using Eigen::internal::predux_any;
+using Eigen::internal::pselect;
 using Eigen::internal::pset1;
 using Eigen::internal::psub;
+using Eigen::internal::ptrue;
 
 template <class Acc>
 EIGEN_STRONG_INLINE packet_t<Acc> zero() {
