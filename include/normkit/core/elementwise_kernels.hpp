@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "config.hpp"
@@ -72,14 +73,23 @@ inline bool use_rows(const Block3& v) {
   return v.inner == 1 || (v.inner < kRunMin && v.mid * v.inner <= kExpandMax);
 }
 
-template <class Acc>
-EIGEN_STRONG_INLINE packet_t<Acc> apply_affine(const packet_t<Acc>& u, const packet_t<Acc>& s,
-                                               const packet_t<Acc>& b) {
-  return simd::pmadd(u, s, b);
-}
+/// Work item `it` of the run shape: segment `seg` of run `run` (the (outer, channel) pair,
+/// channel `c`), kept by counting up, not by three divisions per item (a run of 128
+/// floats is a few dozen cycles of work; a 64-bit division alone is 15 or more).
+struct RunCursor {
+  Index run, seg, c, segs, C;
+  RunCursor(Index it, Index segs_, Index C_)
+      : run(it / segs_), seg(it % segs_), c(run % C_), segs(segs_), C(C_) {}
+  void next() {
+    if (++seg < segs) return;
+    seg = 0;
+    ++run;
+    if (++c == C) c = 0;
+  }
+};
 
-/// y = f(p x) * s + b over one contiguous stretch of n elements, with s, b per position,
-/// and u = f(p x) into `u` when WithU. Packets go in pairs: the tanh is a chain of ~10
+/// y = f(p x) * s + b over one contiguous stretch of n elements, with s, b per position
+/// (PerPos; else *s and *b for all), and u = f(p x) into `u` when WithU. Packets go in pairs: the tanh is a chain of ~10
 /// dependent FMAs, and two independent chains keep both FMA pipes busy; one branch per
 /// pair decides whether the tanh needs its exp half. The loop runs two pairs per
 /// iteration (DyT forward 8192x4096 streamed, one Xeon core with AVX-512, best of 10 in
@@ -89,12 +99,16 @@ EIGEN_STRONG_INLINE packet_t<Acc> apply_affine(const packet_t<Acc>& u, const pac
 /// few in flight (same shape and core: 18.4-19.0 ms without, 10.8-14.3 with 4 KiB, 1 KiB
 /// 16.0-16.8; 16 KiB against 4 KiB, alternating: faster in 4 of 4 pairs at 1 thread, by
 /// 2-9%, and 2 of 4 at 2). The tail goes through the same arithmetic as partial packets.
-template <class Acc, bool WithU, bool Stream, class T, class Map>
+template <class Acc, bool WithU, bool Stream, bool PerPos, class T, class Map>
 EIGEN_STRONG_INLINE void forward_stretch(const T* x, T* y, Acc* u, const Acc* s, const Acc* b,
                                          Index n, const Map& f) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
+  const P s1 = PerPos ? zero<Acc>() : pset1<P>(*s), b1 = PerPos ? zero<Acc>() : pset1<P>(*b);
+  const auto param = [&](const Acc* q, const P& one, Index i, Index cnt) {
+    return PerPos ? load_n<Acc>(q + i, cnt) : one;
+  };
   const auto pair = [&](Index i) {
     P u0, u1;
     f.value2(load<Acc>(x + i), load<Acc>(x + i + W), u0, u1);
@@ -102,8 +116,8 @@ EIGEN_STRONG_INLINE void forward_stretch(const T* x, T* y, Acc* u, const Acc* s,
       store<Acc>(u + i, u0);
       store<Acc>(u + i + W, u1);
     }
-    const P y0 = pmadd(u0, load<Acc>(s + i), load<Acc>(b + i));
-    const P y1 = pmadd(u1, load<Acc>(s + i + W), load<Acc>(b + i + W));
+    const P y0 = pmadd(u0, param(s, s1, i, W), param(b, b1, i, W));
+    const P y1 = pmadd(u1, param(s, s1, i + W, W), param(b, b1, i + W, W));
     if constexpr (Stream) {
       store_stream<Acc>(y + i, y0);
       store_stream<Acc>(y + i + W, y1);
@@ -127,25 +141,35 @@ EIGEN_STRONG_INLINE void forward_stretch(const T* x, T* y, Acc* u, const Acc* s,
     const Index cnt = std::min(W, n - i);
     const P u0 = f.value(load_n<Acc>(x + i, cnt));
     if constexpr (WithU) store_n<Acc>(u + i, u0, cnt, false);
-    store_n<Acc>(y + i, pmadd(u0, load_n<Acc>(s + i, cnt), load_n<Acc>(b + i, cnt)), cnt,
-                 Stream);
+    store_n<Acc>(y + i, pmadd(u0, param(s, s1, i, cnt), param(b, b1, i, cnt)), cnt, Stream);
   }
 }
 
 /// forward_stretch with the streaming choice made per stretch: a misaligned head (at
 /// most one packet) is written normally, the rest streamed.
-template <class Acc, bool WithU, class T, class Map>
+template <class Acc, bool WithU, bool PerPos = true, class T, class Map>
 EIGEN_STRONG_INLINE void forward_row(const T* x, T* y, Acc* u, const Acc* s, const Acc* b, Index n,
                                      const Map& f, bool stream) {
   Index head = stream ? simd::misalignment<Acc>(y) : -1;
   if (head < 0) {
-    forward_stretch<Acc, WithU, false>(x, y, u, s, b, n, f);
+    forward_stretch<Acc, WithU, false, PerPos>(x, y, u, s, b, n, f);
     return;
   }
   head = std::min(head, n);
-  forward_stretch<Acc, WithU, false>(x, y, u, s, b, head, f);
-  forward_stretch<Acc, WithU, true>(x + head, y + head, WithU ? u + head : u, s + head, b + head,
-                                    n - head, f);
+  const Index ph = PerPos ? head : 0;
+  forward_stretch<Acc, WithU, false, PerPos>(x, y, u, s, b, head, f);
+  forward_stretch<Acc, WithU, true, PerPos>(x + head, y + head, WithU ? u + head : u, s + ph, b + ph,
+                                            n - head, f);
+}
+
+/// One segment of a run: n contiguous elements of one channel, y = f(p x) * scale + shift,
+/// u into `u` when WithU. Never inlined, with its arguments by value: one compiled copy
+/// serves every device, and the packets go in pairs as the rows' (forward_stretch).
+template <class Acc, bool WithU, class T, class Map>
+EIGEN_DONT_INLINE void run_forward(const T* x, T* y, Acc* u, Acc scale, Acc shift, Index n, const Map& f,
+                                   bool stream) {
+  const Map fl = f;
+  forward_row<Acc, WithU, false>(x, y, u, &scale, &shift, n, fl, stream);
 }
 
 /// y = f(p x) * scale + shift, and u = f(p x) into `u_out` (x's memory order) if not
@@ -154,7 +178,6 @@ template <class Dev, class Acc, class T, class Map>
 void channel_map_forward(const Dev& dev, const Block3& v, const T* x, T* y, Acc* u_out,
                          const Map& f, const T* scale, const T* shift, bool stream) {
   using namespace simd;
-  using P = packet_t<Acc>;
   if (v.size() == 0) return;
   const double bytes_per = (2.0 + (u_out ? 1.0 : 0.0)) * sizeof(T);
   constexpr double kCycles = 6.0;  // per element: ~29 packet ops of tanh over 8 lanes, + affine
@@ -181,16 +204,16 @@ void channel_map_forward(const Dev& dev, const Block3& v, const T* x, T* y, Acc*
   const Index segs = (v.inner + kRunSeg - 1) / kRunSeg;
   parallel_for(dev, v.outer * v.mid * segs, bytes_per * double(std::min(v.inner, kRunSeg)),
                kCycles * double(std::min(v.inner, kRunSeg)), [&](Index i0, Index i1) {
-                 for (Index it = i0; it < i1; ++it) {
-                   const Index run = it / segs, c = run % v.mid, s0 = (it % segs) * kRunSeg;
-                   const Index n = std::min(kRunSeg, v.inner - s0), off = run * v.inner + s0;
-                   const P ps = pset1<P>(scale ? static_cast<Acc>(scale[c]) : Acc(1));
-                   const P pb = pset1<P>(shift ? static_cast<Acc>(shift[c]) : -Acc(0));
-                   for_each_packet<Acc>(y + off, n, stream, [&](Index i, Index cnt, auto st) {
-                     const P u = f.value(load_n<Acc>(x + off + i, cnt));
-                     if (u_out) store_n<Acc>(u_out + off + i, u, cnt, false);
-                     store_n<Acc>(y + off + i, apply_affine<Acc>(u, ps, pb), cnt, st);
-                   });
+                 RunCursor at(i0, segs, v.mid);
+                 for (Index it = i0; it < i1; ++it, at.next()) {
+                   const Index s0 = at.seg * kRunSeg;
+                   const Index n = std::min(kRunSeg, v.inner - s0), off = at.run * v.inner + s0;
+                   const Acc sc = scale ? static_cast<Acc>(scale[at.c]) : Acc(1);
+                   const Acc sh = shift ? static_cast<Acc>(shift[at.c]) : -Acc(0);
+                   if (u_out)
+                     run_forward<Acc, true>(x + off, y + off, u_out + off, sc, sh, n, f, stream);
+                   else
+                     run_forward<Acc, false>(x + off, y + off, u_out, sc, sh, n, f, stream);
                  }
                  if (stream) stream_fence();
                });
@@ -354,6 +377,39 @@ EIGEN_STRONG_INLINE void backward_strips_cached(const T* x, const T* dy, T* dx, 
   }
 }
 
+/// The backward of one segment of a run: n contiguous elements of one channel, whose k is
+/// `k`; dx, and the segment's three sums into out[0..2]. Its own function, with its
+/// arguments by value and never inlined, as BatchNorm's run_map: inside the work item's
+/// lambda the sums were the lambda's captures, kept in memory, each packet's FMAs
+/// waiting for the previous packet's stores; and one compiled copy serves every device.
+/// Two sets of sums, the packets taking them in turn: a run is often short (128 tokens,
+/// 8 packets of float), and one chain of FMAs per sum waited on their latency.
+template <class Acc, bool Cached, class T, class Map>
+EIGEN_DONT_INLINE void run_backward(const T* x, const T* dy, T* dx, const Acc* u, Index n, Acc k,
+                                    const Map& f, bool stream, Acc* out) {
+  using namespace simd;
+  using P = packet_t<Acc>;
+  const Map fl = f;
+  const P kv = pset1<P>(k);
+  P ds = zero<Acc>(), dh = zero<Acc>(), dq = zero<Acc>();
+  P ds2 = zero<Acc>(), dh2 = zero<Acc>(), dq2 = zero<Acc>();
+  for_each_packet<Acc>(dx, n, stream, [&](Index i, Index cnt, auto st) NORMKIT_INLINE_LAMBDA {
+    const P xv = load_n<Acc>(x + i, cnt), d = load_n<Acc>(dy + i, cnt);
+    P uv;
+    if constexpr (Cached)
+      uv = load_n<Acc>(u + i, cnt);
+    else
+      uv = fl.value(xv);
+    backward_packet<Acc, decltype(st)::value>(xv, d, uv, fl.slope(uv), kv, dx + i, cnt, ds, dh, dq);
+    std::swap(ds, ds2);
+    std::swap(dh, dh2);
+    std::swap(dq, dq2);
+  });
+  out[0] = predux(padd(ds, ds2));
+  out[1] = predux(padd(dh, dh2));
+  out[2] = predux(padd(dq, dq2));
+}
+
 /// dx = dy * f'(p x) * k[c] and the per-channel sums (see the top of this file). u_in:
 /// the forward's f(p x) in x's memory order, or null to recompute it. k: [C] in Acc.
 /// dx may alias x or dy.
@@ -362,7 +418,6 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
                                        T* dx, const Acc* u_in, const Map& f, const Acc* k,
                                        Workspace<Acc>& work, bool stream) {
   using namespace simd;
-  using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
   const Index C = v.mid;
   ChannelGrads<Acc> g;
@@ -372,42 +427,6 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
   if (v.size() == 0) return g;
   const double bytes_per = (3.0 + (u_in ? 1.0 : 0.0)) * sizeof(T);
   const double cycles_per = u_in ? 2.0 : 8.0;
-
-  // One packet: dx, and the three sums accumulated into ds, dh, dq. Full packets
-  // (Cnt == W) and the cached/recomputed choice are compile-time, so the hot loop has
-  // no partial-load logic and no branch on the cache.
-  auto element = [&](auto cached, auto full, const T* xp, const T* dyp, T* dxp, const Acc* up,
-                     const P& kv, Index cnt, bool st, P& ds, P& dh, P& dq) {
-    constexpr bool Cached = decltype(cached)::value, Full = decltype(full)::value;
-    const P xv = Full ? load<Acc>(xp) : load_n<Acc>(xp, cnt);
-    const P d = Full ? load<Acc>(dyp) : load_n<Acc>(dyp, cnt);
-    P u;
-    if constexpr (Cached)
-      u = Full ? load<Acc>(up) : load_n<Acc>(up, cnt);
-    else
-      u = f.value(xv);
-    const P gs = pmul(d, f.slope(u));
-    if constexpr (Full) {
-      if (st)
-        store_stream<Acc>(dxp, pmul(gs, kv));
-      else
-        store<Acc>(dxp, pmul(gs, kv));
-    } else {
-      store_n<Acc>(dxp, pmul(gs, kv), cnt, st);
-    }
-    ds = pmadd(d, u, ds);
-    dh = padd(dh, d);
-    dq = pmadd(gs, xv, dq);
-  };
-  using Yes = std::true_type;
-  using No = std::false_type;
-  // The cached tanh at `off`; never formed from a null pointer.
-  auto u_at = [&](auto cached, Index off) -> const Acc* {
-    if constexpr (decltype(cached)::value)
-      return u_in + off;
-    else
-      return nullptr;
-  };
 
   if (use_rows(v)) {
     const Index L = C * v.inner, tiles = (L + kRowTile - 1) / kRowTile;
@@ -501,28 +520,16 @@ ChannelGrads<Acc> channel_map_backward(const Dev& dev, const Block3& v, const T*
   Acc* part = work.get(static_cast<std::size_t>(items * 3));
   parallel_for(dev, items, bytes_per * double(std::min(v.inner, kRunSeg)),
                cycles_per * double(std::min(v.inner, kRunSeg)), [&](Index i0, Index i1) {
-                 for (Index it = i0; it < i1; ++it) {
-                   const Index run = it / segs, c = run % C, s0 = (it % segs) * kRunSeg;
-                   const Index n = std::min(kRunSeg, v.inner - s0), off = run * v.inner + s0;
-                   const P kv = pset1<P>(k[c]);
-                   P ds = zero<Acc>(), dh = zero<Acc>(), dq = zero<Acc>();
-                   auto segment = [&](auto cached) {
-                     for_each_packet<Acc>(dx + off, n, stream, [&](Index i, Index cnt, auto st) {
-                       if (cnt == W)
-                         element(cached, Yes{}, x + off + i, dy + off + i, dx + off + i,
-                                 u_at(cached, off + i), kv, W, st, ds, dh, dq);
-                       else
-                         element(cached, No{}, x + off + i, dy + off + i, dx + off + i,
-                                 u_at(cached, off + i), kv, cnt, st, ds, dh, dq);
-                     });
-                   };
+                 RunCursor at(i0, segs, C);
+                 for (Index it = i0; it < i1; ++it, at.next()) {
+                   const Index s0 = at.seg * kRunSeg;
+                   const Index n = std::min(kRunSeg, v.inner - s0), off = at.run * v.inner + s0;
                    if (u_in)
-                     segment(Yes{});
+                     run_backward<Acc, true>(x + off, dy + off, dx + off, u_in + off, n, k[at.c], f,
+                                             stream, part + 3 * it);
                    else
-                     segment(No{});
-                   part[3 * it] = predux(ds);
-                   part[3 * it + 1] = predux(dh);
-                   part[3 * it + 2] = predux(dq);
+                     run_backward<Acc, false>(x + off, dy + off, dx + off, u_in, n, k[at.c], f,
+                                              stream, part + 3 * it);
                  }
                  if (stream) stream_fence();
                });
