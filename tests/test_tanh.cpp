@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "test_support.hpp"  // first of the Eigen includes: it sets EIGEN_USE_THREADS
 #include <normkit/core/tanh.hpp>
 
 // Packet types as template arguments make GCC warn that their alignment attribute is
@@ -96,13 +97,7 @@ bool same_bits(T a, T b) {
 template <class T>
 class TanhTest : public ::testing::Test {};
 using Scalars = ::testing::Types<float, double>;
-struct ScalarNames {
-  template <class T>
-  static std::string GetName(int) {
-    return std::is_same_v<T, float> ? "float" : "double";
-  }
-};
-TYPED_TEST_SUITE(TanhTest, Scalars, ScalarNames);
+TYPED_TEST_SUITE(TanhTest, Scalars, nktest::ScalarNames);
 
 TYPED_TEST(TanhTest, ZeroKeepsItsSign) {
   using T = TypeParam;
