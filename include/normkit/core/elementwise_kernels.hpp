@@ -243,6 +243,17 @@ struct ChannelGrads {
   IndexVector<Acc> dscale, dshift, dpc;
 };
 
+/// f(p x) of the packet of x at i: the forward's, from u (Cached), or computed again from
+/// xv, x's packet there.
+template <bool Cached, class Acc, class Map>
+EIGEN_STRONG_INLINE packet_t<Acc> value_at(const Acc* u, Index i, Index cnt, const packet_t<Acc>& xv,
+                                           const Map& f) {
+  if constexpr (Cached)
+    return simd::load_n<Acc>(u + i, cnt);
+  else
+    return f.value(xv);
+}
+
 /// The backward of one packet: dx, and the three sums accumulated into ds, dh, dq.
 template <class Acc, bool Stream, class T>
 EIGEN_STRONG_INLINE void backward_packet(const packet_t<Acc>& xv, const packet_t<Acc>& d,
@@ -312,11 +323,7 @@ EIGEN_STRONG_INLINE void backward_stretch(const T* x, const T* dy, T* dx, const 
     }
     const P kv = load_n<Acc>(kp + i, cnt);
     const P xv = load_n<Acc>(x + i, cnt), d = load_n<Acc>(dy + i, cnt);
-    P uv;
-    if constexpr (Cached)
-      uv = load_n<Acc>(u + i, cnt);
-    else
-      uv = f.value(xv);
+    const P uv = value_at<Cached>(u, i, cnt, xv, f);
     if (cnt == W)
       backward_packet<Acc, Stream>(xv, d, uv, f.slope(uv), kv, dx + i, W, ds, dh, dq);
     else
@@ -395,11 +402,7 @@ EIGEN_DONT_INLINE void run_backward(const T* x, const T* dy, T* dx, const Acc* u
   P ds2 = zero<Acc>(), dh2 = zero<Acc>(), dq2 = zero<Acc>();
   for_each_packet<Acc>(dx, n, stream, [&](Index i, Index cnt, auto st) NORMKIT_INLINE_LAMBDA {
     const P xv = load_n<Acc>(x + i, cnt), d = load_n<Acc>(dy + i, cnt);
-    P uv;
-    if constexpr (Cached)
-      uv = load_n<Acc>(u + i, cnt);
-    else
-      uv = fl.value(xv);
+    const P uv = value_at<Cached>(u, i, cnt, xv, fl);
     backward_packet<Acc, decltype(st)::value>(xv, d, uv, fl.slope(uv), kv, dx + i, cnt, ds, dh, dq);
     std::swap(ds, ds2);
     std::swap(dh, dh2);
