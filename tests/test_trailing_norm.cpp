@@ -461,7 +461,7 @@ TEST(LayerNormTest, LargeOffsetRowsNormalizeAccuratelyColMajor) { large_offset_c
 // zero are normalized as fma(x, rstd, -mean * rstd), and mean * rstd (up to 4) rounds
 // to 2 ulp of 1; the rounding of the mean itself costs as much again, then rstd's
 // and the fma's. Measured: contiguous rows at most 3.7 (the ramp, F 1000); ColMajor
-// (strided columns, one pass around the mean of a column's first 32 values, else two
+// (strided columns, one pass around the mean of a column's first 32 values, else three
 // more; always (x - s - d) * rstd, never the fma) 4.5 (the outlier head, F 1000).
 // kMixed: the kinds in turn, row by row, so that a ColMajor tile holds columns of either
 // path. The floor of 1: a row of one element, whose variance is 0, normalizes to 0

@@ -89,9 +89,10 @@ struct RunCursor {
 };
 
 /// y = f(p x) * s + b over one contiguous stretch of n elements, with s, b per position
-/// (PerPos; else *s and *b for all), and u = f(p x) into `u` when WithU. Packets go in pairs: the tanh is a chain of ~10
-/// dependent FMAs, and two independent chains keep both FMA pipes busy; one branch per
-/// pair decides whether the tanh needs its exp half. The loop runs two pairs per
+/// (PerPos; else *s and *b for all), and u = f(p x) into `u` when WithU. Packets go in
+/// pairs: the tanh is a chain of ~10 dependent FMAs, and two independent chains keep
+/// both FMA pipes busy; one branch per pair decides whether the tanh needs its exp half.
+/// The loop runs two pairs per
 /// iteration (DyT forward 8192x4096 streamed, one Xeon core with AVX-512, best of 10 in
 /// three alternating runs: 2.3-4.5% less time than one pair). Stream: y is aligned and
 /// written with non-temporal stores, and every line of x is asked for kForwardAhead

@@ -756,7 +756,7 @@ inline constexpr Index col_packets = kColTile / packet_size<Acc>;
 ///           column's first kColSumBlock features: one_pass_moments, as a row's
 ///   pass 2  y = (((x - s) - d) - e) * rstd * w + b
 /// Columns whose one pass is not accurate enough (see kOnePassSlack: their first features
-/// far from their mean) take, if the tile has any, two more passes over the tile:
+/// far from their mean) take, if the tile has any, three more passes over the tile:
 /// d = mean(x - s), then the residual e = mean((x - s) - d), which holds what the
 /// rounding of d's sum lost (a column at 2e9 with std 6e5 in double: 1e-13 of its
 /// spread), and mean((((x - s) - d) - e)^2). Each column's numbers depend on its own
@@ -832,8 +832,8 @@ void cols_forward_tile(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, A
       d[k] = zero<Acc>();
     }
     // Divided by F, not times 1/F, as one_pass_moments: a constant column whose shift is
-    // not its value (the mean of its first values, rounded) has x - s = the same r in
-    // every term, and F r / F gives r back exactly, so that y = b.
+    // not its value (the mean of its first values, rounded) has x - s = the same t in
+    // every term, and F t / F gives t back exactly, so that y = b.
     const P nf = pset1<P>(static_cast<Acc>(F));
     for (Index f = 0; f < F; ++f)
       for (Index k = 0; k < np; ++k) d[k] = padd(d[k], psub(at(f, k), s[k]));
@@ -897,8 +897,9 @@ void cols_forward_tile(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, A
 /// stack, each sum's next term waiting for the last one's store (LayerNorm forward of
 /// 128x768 floats ColMajor, 1 thread: 36.9 us, against 10.4 RowMajor). The same
 /// operations in the same order, so the same bits. With the one-pass moments (two passes
-/// over the tile where there were four: d, e, the sums of squares, y), 18.3 -> 12.5-13.5
-/// us (GCC and clang; AVX2 build 26 -> 17).
+/// over the tile where there were four: d, e, the sums of squares, y; a tile with a column
+/// that fails the one-pass test still takes all five), 18.3 -> 12.5-13.5 us (GCC and
+/// clang; AVX2 build 26 -> 17).
 template <bool Center, bool HasW, bool HasB, class Acc, class T>
 void cols_forward(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, Affine<T> p,
                   bool stream, Acc* mean, Acc* rstd) {
