@@ -3,7 +3,7 @@
 // and inv_sqrt_plus the same bits as the scalar 1 / sqrt(v + eps) it replaces. The
 // scalar helpers of branch-free loops: blend picks its operand bit for bit (signed zeros,
 // NaN payloads), all_finite finds one non-finite value at any place, contiguous or
-// strided.
+// strided. Partial packets read and write only their lanes.
 #include "test_support.hpp"
 
 #include <normkit/core/simd.hpp>
@@ -135,6 +135,39 @@ TYPED_TEST(SimdHelpers, AllFiniteFindsOneNonFiniteValueAnywhere) {
               << bad << " at " << i << " of n " << n << " stride " << stride;
           x[static_cast<std::size_t>(i)] = keep;
         }
+    }
+}
+
+// A partial packet (the tail of a row, the last lanes of a tensor): load_partial reads
+// the first n values bit for bit (NaN payloads, signed zeros) and zero-fills the other
+// lanes; store_partial writes the first n lanes and nothing past them. Each n sits at
+// the very end of an array of its own size, so that a lane read or written past it is
+// outside the allocation (which AddressSanitizer reports: masked loads and stores touch
+// only their lanes).
+TYPED_TEST(SimdHelpers, PartialPacketsTouchOnlyTheirLanes) {
+  using F = TypeParam;
+  using normkit::detail::simd::load_partial;
+  using normkit::detail::simd::store_partial;
+  constexpr Index W = normkit::detail::packet_size<F>;
+  const std::vector<F> v = special_values<F>();
+  const F sentinel = F(-7.5);
+  for (Index n = 1; n < W; ++n)
+    for (std::size_t start = 0; start < v.size(); ++start) {
+      std::vector<F> in(static_cast<std::size_t>(n));
+      for (std::size_t i = 0; i < in.size(); ++i) in[i] = v[(start + i) % v.size()];
+      alignas(64) F lanes[W];
+      Eigen::internal::pstore(lanes, load_partial<F>(in.data(), n));
+      for (Index l = 0; l < W; ++l) {
+        const F want = l < n ? in[static_cast<std::size_t>(l)] : F(0);
+        ASSERT_TRUE(same_bits(lanes[l], want)) << "load, n " << n << ", lane " << l << ": got " << lanes[l];
+      }
+      std::vector<F> out(static_cast<std::size_t>(n) + 3, sentinel);
+      for (Index l = 0; l < W; ++l) lanes[l] = l < n ? in[static_cast<std::size_t>(l)] : F(1);
+      store_partial<F>(out.data() + 3, Eigen::internal::pload<normkit::detail::packet_t<F>>(lanes), n);
+      for (std::size_t i = 0; i < out.size(); ++i) {
+        const F want = i < 3 ? sentinel : in[i - 3];
+        ASSERT_TRUE(same_bits(out[i], want)) << "store, n " << n << ", element " << i << ": got " << out[i];
+      }
     }
 }
 

@@ -771,7 +771,7 @@ void cols_forward_tile(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, A
   const Index np = NP > 0 ? NP : (nc + W - 1) / W;
   auto cnt = [&](Index k) { return NP > 0 || k + 1 < np ? W : nc - k * W; };
   auto at = [&](Index f, Index k) { return load_n<Acc>(x + f * ld + k * W, cnt(k)); };
-  const P inv_f = pset1<P>(Acc(1) / static_cast<Acc>(F));
+  const P nf = pset1<P>(static_cast<Acc>(F)), inv_f = pset1<P>(Acc(1) / static_cast<Acc>(F));
   P s[NPmax], d[NPmax], e[NPmax], r[NPmax];
   for (Index k = 0; k < np; ++k) s[k] = d[k] = e[k] = r[k] = zero<Acc>();
   if constexpr (Center) {
@@ -813,9 +813,8 @@ void cols_forward_tile(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, A
   bool again = false;
   for (Index k = 0; k < np; ++k) {
     if constexpr (Center) {
-      const P nf = pset1<P>(static_cast<Acc>(F));
       const P dk = pdiv(d[k], nf), m2 = psub(r[k], pmul(d[k], dk));
-      ok[k] = pand(pcmp_eq(psub(m2, m2), zero<Acc>()),
+      ok[k] = pand(pisfinite(m2),
                    pcmp_le(r[k], pmul(pset1<P>(static_cast<Acc>(kOnePassSlack)), m2)));
       again |= predux_any(pandnot(ptrue(ok[k]), ok[k]));
       d[k] = dk;
@@ -834,7 +833,6 @@ void cols_forward_tile(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, A
     // Divided by F, not times 1/F, as one_pass_moments: a constant column whose shift is
     // not its value (the mean of its first values, rounded) has x - s = the same t in
     // every term, and F t / F gives t back exactly, so that y = b.
-    const P nf = pset1<P>(static_cast<Acc>(F));
     for (Index f = 0; f < F; ++f)
       for (Index k = 0; k < np; ++k) d[k] = padd(d[k], psub(at(f, k), s[k]));
     for (Index k = 0; k < np; ++k) d[k] = pdiv(d[k], nf);
@@ -851,7 +849,7 @@ void cols_forward_tile(const T* x, T* y, Index F, Index ld, Index nc, Acc eps, A
   const P pe = pset1<P>(eps), one = pset1<P>(Acc(1));
   bool overflow = false;
   for (Index k = 0; k < np; ++k) {
-    overflow |= predux_any(pandnot(ptrue(r[k]), pcmp_eq(psub(r[k], r[k]), zero<Acc>())));
+    overflow |= predux_any(pandnot(ptrue(r[k]), pisfinite(r[k])));
     r[k] = pdiv(one, psqrt_exact(padd(r[k], pe)));
     store_n<Acc>(mean + k * W, padd(s[k], padd(d[k], e[k])), cnt(k), false);
     store_n<Acc>(rstd + k * W, r[k], cnt(k), false);
