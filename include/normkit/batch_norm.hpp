@@ -666,19 +666,23 @@ class BatchNorm {
       aw = r[c] * w;
       bw = bb - corr[c] * aw;
     };
-    auto first_pass = [&](auto affine) {
+    // The outputs as restrict parameters: with T = Acc, clang cannot tell them from the
+    // weight and bias it reads, and left the loop scalar (a tenth of the forward of a
+    // ColMajor 128x768 float, 1 thread; GCC checks for overlap at run time).
+    auto first_pass = [&](auto affine, Acc* __restrict pa, Acc* __restrict pb, Acc* __restrict prs) {
       unsigned flags = 0;
       for (Index c = cr.begin; c < cr.end; ++c) {
         Fin aw, bw;
         coefficients(affine, c, aw, bw);
-        rs[c] = static_cast<Acc>(r[c]);
-        a[c] = static_cast<Acc>(aw);
-        b[c] = static_cast<Acc>(bw);
+        prs[c] = static_cast<Acc>(r[c]);
+        pa[c] = static_cast<Acc>(aw);
+        pb[c] = static_cast<Acc>(bw);
         flags |= is_wide(batch, count, mean[c], var[c], r[c], aw, bw);
       }
       return flags != 0;
     };
-    const bool any = opt_.affine() ? first_pass(std::true_type{}) : first_pass(std::false_type{});
+    const bool any = opt_.affine() ? first_pass(std::true_type{}, a.data(), b.data(), rs.data())
+                                   : first_pass(std::false_type{}, a.data(), b.data(), rs.data());
     if (!any) return;
     for (Index c = cr.begin; c < cr.end; ++c) {
       Fin aw, bw;
