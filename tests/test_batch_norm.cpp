@@ -879,6 +879,40 @@ TEST(BatchNormNumericsTest, HugeFiniteValuesDoNotOverflow) {
   }
 }
 
+// A sum of dy past FLT_MAX while dx is not: dy in [0.5, 1] x 1e37, 50 values a row and
+// 100 a channel (sum(dy) ~ 7.5e38), x of order 1, on the row path (2, 3, 50: six rows,
+// four summed as a group and two alone) and the column path (100, 3). Such sums are
+// redone in double, and a channel whose coefficients still leave float goes through long
+// double; either way dx and dweight stay finite and match the long-double reference
+// (dbias, the sum itself, is +inf in float). With the redo in double switched off the
+// long-double path alone still passes this: it checks the results, not which path.
+TEST(BatchNormNumericsTest, SumsOfDyPastFloatLeaveDxFinite) {
+  for (const std::vector<Index>& dims : {std::vector<Index>{2, 3, 50}, std::vector<Index>{100, 3}}) {
+    const Geo g = geo_of(dims, 1);
+    const Vec xs = nktest::quantized<float>(nktest::random_vector(g.P * g.C * g.Q, 101));
+    Vec dys = nktest::random_vector(g.P * g.C * g.Q, 102, 0.5, 1.0);
+    for (double& v : dys) v *= 1e37;
+    dys = nktest::quantized<float>(dys);
+    normkit::BatchNorm<float> bn(g.C);
+    with_rank(dims.size(), [&](auto rank) {
+      constexpr int R = decltype(rank)::value;
+      auto x = nktest::make_tensor<float, R, Eigen::RowMajor>(dims, xs);
+      auto dy = nktest::make_tensor<float, R, Eigen::RowMajor>(dims, dys);
+      decltype(x) y(x.dimensions()), dx(x.dimensions());
+      normkit::BatchNorm<float>::Cache cache;
+      normkit::BatchNorm<float>::Grads grads;
+      bn.forward(x, y, cache);
+      bn.backward(x, dy, cache, dx, grads);
+      const std::string where = "shape " + normkit::detail::shape_str(dims);
+      const RefGrads want = ref_backward(true, xs, dys, g, ref_batch_stats(xs, g), 1e-5L, nullptr);
+      nktest::expect_close(nktest::logical(dx), want.dx, 1e-4 * max_abs(want.dx), 0, "dx, " + where);
+      nktest::expect_close(nktest::values(grads.weight), want.dweight, 1e-4 * max_abs(want.dweight), 0,
+                           "dweight, " + where);
+      for (float v : nktest::values(grads.bias)) EXPECT_EQ(v, std::numeric_limits<float>::infinity()) << where;
+    });
+  }
+}
+
 TEST(BatchNormNumericsTest, NanStaysInItsChannel) {
   for (const Case& c : {Case{{3, 4, 40}, 1}, Case{{30, 4}, 1}}) {
     const Geo g = geo_of(c.dims, c.axis);
