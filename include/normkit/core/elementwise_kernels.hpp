@@ -90,18 +90,17 @@ struct RunCursor {
 
 /// y = f(p x) * s + b over one contiguous stretch of n elements, with s, b per position
 /// (PerPos; else *s and *b for all), and u = f(p x) into `u` when WithU. Packets go in
-/// pairs: the tanh is a chain of ~10 dependent FMAs, and two independent chains keep
-/// both FMA pipes busy; one branch per pair decides whether the tanh needs its exp half.
-/// The loop runs two pairs per
-/// iteration (DyT forward 8192x4096 streamed, one Xeon core with AVX-512, best of 10 in
-/// three alternating runs: 2.3-4.5% less time than one pair). Stream: y is aligned and
-/// written with non-temporal stores, and every line of x is asked for kForwardAhead
-/// bytes ahead: with the tanh between the loads, the hardware prefetchers alone kept too
-/// few in flight (same shape and core: 18.4-19.0 ms without, 10.8-14.3 with 4 KiB, 1 KiB
-/// 16.0-16.8; 16 KiB against 4 KiB, alternating: faster in 4 of 4 pairs at 1 thread, by
-/// 2-9%, and 2 of 4 at 2). The tail goes through the same arithmetic as partial packets.
-/// Always inlined, as forward_row: called out of line from run_forward (runs of 128
-/// floats, ColMajor DyT forward 128x768, 1 thread, medians), clang 14 took 21 us to
+/// pairs: the tanh is a chain of ~10 dependent FMAs, and two independent chains keep both
+/// FMA pipes busy; one branch per pair decides whether the tanh needs its exp half. The
+/// loop runs two pairs per iteration (DyT forward 8192x4096 streamed, one Xeon core with
+/// AVX-512, best of 10 in three alternating runs: 2.3-4.5% less time than one pair).
+/// Stream: y is aligned and written with non-temporal stores, and every line of x is asked
+/// for kForwardAhead bytes ahead: with the tanh between the loads, the hardware prefetchers
+/// alone kept too few in flight (same shape and core: 18.4-19.0 ms without, 10.8-14.3 with
+/// 4 KiB, 1 KiB 16.0-16.8; 16 KiB against 4 KiB, alternating: faster in 4 of 4 pairs at 1
+/// thread, by 2-9%, and 2 of 4 at 2). The tail goes through the same arithmetic as partial
+/// packets. Always inlined, as forward_row: called out of line from run_forward (runs of
+/// 128 floats, ColMajor DyT forward 128x768, 1 thread, medians), clang 14 took 21 us to
 /// GCC's 12; inlined, 12 and 10-11. Same bits either way.
 template <class Acc, bool WithU, bool Stream, bool PerPos, class T, class Map>
 EIGEN_ALWAYS_INLINE void forward_stretch(const T* x, T* y, Acc* u, const Acc* s, const Acc* b,
