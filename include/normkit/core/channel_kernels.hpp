@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "config.hpp"
@@ -218,6 +219,26 @@ EIGEN_DONT_INLINE Moments segment_moments(const T* x, Index n) {
 inline constexpr Index kShortRun = 512;
 inline constexpr Index kRunsAtOnce = 4;
 static_assert(kShortRun <= kSeg, "a short run is one segment");
+
+/// Row path, rows of at most kShortRun: the rows of the channels of cr (v.outer *
+/// cr.size() of them, in the order of cr.run_offset) in groups of kRunsAtOnce spread over
+/// dev, body(std::integral_constant<Index, G>, r0) taking rows r0 .. r0 + G - 1: G =
+/// kRunsAtOnce, and G = 1 for each row of a last, short group. `streams`: how many
+/// arrays of T a row reads.
+template <class T, class Dev, class Body>
+void for_each_row_group(const Dev& dev, const ChannelView& v, ChannelRange cr, double streams, Body&& body) {
+  const Index rows = v.outer * cr.size(), items = (rows + kRunsAtOnce - 1) / kRunsAtOnce;
+  const double len = double(kRunsAtOnce * v.inner);
+  parallel_for(dev, items, streams * len * double(sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
+    for (Index i = i0; i < i1; ++i) {
+      const Index r0 = i * kRunsAtOnce;
+      if (rows - r0 >= kRunsAtOnce)
+        body(std::integral_constant<Index, kRunsAtOnce>{}, r0);
+      else
+        for (Index r = r0; r < rows; ++r) body(std::integral_constant<Index, 1>{}, r);
+    }
+  });
+}
 
 /// The moments of G runs of n values each (x[g], n >= 1), the same two passes as
 /// segment_moments, around the same shift, with the runs' sums interleaved: a short run
@@ -497,19 +518,12 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, IndexVect
   std::fill(out + cr.begin, out + cr.end, Moments{});
   if (v.size() == 0) return;
   if (v.row_path() && v.inner <= kShortRun) {  // whole rows, kRunsAtOnce at a time
-    const Index rows = v.outer * cr.size(), items = (rows + kRunsAtOnce - 1) / kRunsAtOnce;
-    work.resize(rows);
-    const double len = double(kRunsAtOnce * v.inner);
-    parallel_for(dev, items, len * double(sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
-      for (Index i = i0; i < i1; ++i) {
-        const Index r0 = i * kRunsAtOnce, nr = std::min(kRunsAtOnce, rows - r0);
-        const T* runs[kRunsAtOnce];
-        for (Index k = 0; k < nr; ++k) runs[k] = x + cr.run_offset(v, r0 + k);
-        if (nr == kRunsAtOnce)
-          runs_moments<kRunsAtOnce, Acc>(runs, v.inner, work.data() + r0);
-        else
-          for (Index k = 0; k < nr; ++k) runs_moments<1, Acc>(runs + k, v.inner, work.data() + r0 + k);
-      }
+    work.resize(v.outer * cr.size());
+    for_each_row_group<T>(dev, v, cr, 1.0, [&](auto group, Index r0) {
+      constexpr Index G = decltype(group)::value;
+      const T* runs[std::size_t(G)];
+      for (Index k = 0; k < G; ++k) runs[k] = x + cr.run_offset(v, r0 + k);
+      runs_moments<G, Acc>(runs, v.inner, work.data() + r0);
     });
   } else if (v.row_path()) {  // segments of at most kSeg
     const Index segs = v.segs(), items = v.outer * cr.size() * segs;
@@ -731,29 +745,20 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
   for (int q = 0; q < 3; ++q) std::fill(out + q * v.C + cr.begin, out + q * v.C + cr.end, 0.0);
   if (v.size() == 0) return;
   if (v.row_path() && v.inner <= kShortRun) {  // whole rows, kRunsAtOnce at a time
-    const Index rows = v.outer * cr.size(), items = (rows + kRunsAtOnce - 1) / kRunsAtOnce;
-    work.resize(static_cast<std::size_t>(3 * rows));
-    const double len = double(kRunsAtOnce * v.inner);
-    parallel_for(dev, items, 2.0 * len * double(sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
-      for (Index i = i0; i < i1; ++i) {
-        const Index r0 = i * kRunsAtOnce, nr = std::min(kRunsAtOnce, rows - r0);
-        const T* xs[kRunsAtOnce];
-        const T* gs[kRunsAtOnce] = {};
-        Acc ms[kRunsAtOnce], rs[kRunsAtOnce];
-        for (Index k = 0; k < nr; ++k) {
-          const Index off = cr.run_offset(v, r0 + k), c = cr.channel_of(r0 + k);
-          xs[k] = x + off;
-          if (!SelfDy) gs[k] = dy + off;
-          ms[k] = m[c];
-          rs[k] = r ? r[c] : Acc(1);
-        }
-        double* o = work.data() + 3 * r0;
-        if (nr == kRunsAtOnce)
-          runs_grad_sums<kRunsAtOnce, 1, Acc, SelfDy>(xs, gs, v.inner, ms, rs, o);
-        else
-          for (Index k = 0; k < nr; ++k)
-            runs_grad_sums<1, 1, Acc, SelfDy>(xs + k, gs + k, v.inner, ms + k, rs + k, o + 3 * k);
+    work.resize(static_cast<std::size_t>(3 * v.outer * cr.size()));
+    for_each_row_group<T>(dev, v, cr, 2.0, [&](auto group, Index r0) {
+      constexpr Index G = decltype(group)::value;
+      const T* xs[std::size_t(G)];
+      const T* gs[std::size_t(G)] = {};
+      Acc ms[std::size_t(G)], rs[std::size_t(G)];
+      for (Index k = 0; k < G; ++k) {
+        const Index off = cr.run_offset(v, r0 + k), c = cr.channel_of(r0 + k);
+        xs[k] = x + off;
+        if (!SelfDy) gs[k] = dy + off;
+        ms[k] = m[c];
+        rs[k] = r ? r[c] : Acc(1);
       }
+      runs_grad_sums<G, 1, Acc, SelfDy>(xs, gs, v.inner, ms, rs, work.data() + 3 * r0);
     });
   } else if (v.row_path()) {  // segments of at most kSeg
     const Index nch = cr.size(), segs = v.segs(), items = v.outer * nch * segs;
