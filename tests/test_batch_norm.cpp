@@ -733,6 +733,31 @@ TYPED_TEST(BatchNormTest, AcceptsTensorMaps) {
 
 // ---- numerics ------------------------------------------------------------------------
 
+/// What one float training step of bn (forward, then backward) gives over x and dy of
+/// logical dims `dims` in layout L (both given in row-major logical order), in the same
+/// order.
+struct FloatStep {
+  std::vector<float> y, dx, dweight, dbias;
+};
+
+template <int L>
+FloatStep float_train_step(normkit::BatchNorm<float>& bn, const std::vector<Index>& dims, const Vec& xs,
+                           const Vec& dys) {
+  FloatStep out;
+  with_rank(dims.size(), [&](auto rank) {
+    constexpr int R = decltype(rank)::value;
+    const auto x = nktest::make_tensor<float, R, L>(dims, xs);
+    const auto dy = nktest::make_tensor<float, R, L>(dims, dys);
+    std::remove_const_t<decltype(x)> y(x.dimensions()), dx(x.dimensions());
+    normkit::BatchNorm<float>::Cache cache;
+    normkit::BatchNorm<float>::Grads grads;
+    bn.forward(x, y, cache);
+    bn.backward(x, dy, cache, dx, grads);
+    out = {nktest::logical(y), nktest::logical(dx), nktest::values(grads.weight), nktest::values(grads.bias)};
+  });
+  return out;
+}
+
 // Mean 1e4, std 0.1 per channel: float must normalize to within float rounding of the
 // spread, in training (batch statistics) and eval (running statistics) mode.
 template <int L>
@@ -745,21 +770,12 @@ void large_offset_case(const std::vector<Index>& dims, int axis) {
   xs = nktest::quantized<float>(xs);
   const Vec dys = nktest::quantized<float>(nktest::random_vector(g.P * g.C * g.Q, 92));
   normkit::BatchNorm<float> bn(g.C, normkit::BatchNormOptions().channel_axis(axis).momentum(1.0));
-  with_rank(dims.size(), [&](auto rank) {
-    constexpr int R = decltype(rank)::value;
-    auto x = nktest::make_tensor<float, R, L>(dims, xs);
-    auto dy = nktest::make_tensor<float, R, L>(dims, dys);
-    decltype(x) y(x.dimensions()), dx(x.dimensions());
-    normkit::BatchNorm<float>::Cache cache;
-    normkit::BatchNorm<float>::Grads grads;
-    bn.forward(x, y, cache);
-    bn.backward(x, dy, cache, dx, grads);
-    const RefStats s = ref_batch_stats(xs, g);
-    nktest::expect_close(nktest::logical(y), ref_normalize(xs, g, s, 1e-5L, nullptr, nullptr), 1e-4, 0, "train y");
-    const RefGrads want = ref_backward(true, xs, dys, g, s, 1e-5L, nullptr);
-    nktest::expect_close(nktest::logical(dx), want.dx, 1e-4 * max_abs(want.dx), 0, "train dx");
-    nktest::expect_close(nktest::values(grads.weight), want.dweight, 1e-4 * max_abs(want.dweight), 0, "dweight");
-  });
+  const FloatStep got = float_train_step<L>(bn, dims, xs, dys);
+  const RefStats s = ref_batch_stats(xs, g);
+  nktest::expect_close(got.y, ref_normalize(xs, g, s, 1e-5L, nullptr, nullptr), 1e-4, 0, "train y");
+  const RefGrads want = ref_backward(true, xs, dys, g, s, 1e-5L, nullptr);
+  nktest::expect_close(got.dx, want.dx, 1e-4 * max_abs(want.dx), 0, "train dx");
+  nktest::expect_close(got.dweight, want.dweight, 1e-4 * max_abs(want.dweight), 0, "dweight");
 }
 
 TEST(BatchNormNumericsTest, LargeOffsetNormalizesAccuratelyRowPath) {
@@ -857,25 +873,15 @@ TEST(BatchNormNumericsTest, HugeFiniteValuesDoNotOverflow) {
     const Geo g = geo_of(dims, 1);
     Vec xs = nktest::random_vector(g.P * g.C * g.Q, 94);
     for (auto& v : xs) v = static_cast<double>(static_cast<float>(v * 1e30));
+    // dy of order 1 times xhat of order 1: dweight fits in float, dx ~ 1 / 1e30.
+    const Vec dys = nktest::quantized<float>(nktest::random_vector(g.P * g.C * g.Q, 95));
     normkit::BatchNorm<float> bn(g.C);
-    with_rank(dims.size(), [&](auto rank) {
-      constexpr int R = decltype(rank)::value;
-      auto x = nktest::make_tensor<float, R, Eigen::RowMajor>(dims, xs);
-      auto dy = nktest::make_tensor<float, R, Eigen::RowMajor>(dims, xs);
-      decltype(x) y(x.dimensions()), dx(x.dimensions());
-      normkit::BatchNorm<float>::Cache cache;
-      normkit::BatchNorm<float>::Grads grads;
-      bn.forward(x, y, cache);
-      const RefStats s = ref_batch_stats(xs, g);
-      nktest::expect_close(nktest::logical(y), ref_normalize(xs, g, s, 1e-5L, nullptr, nullptr), 1e-4, 1e-4, "y");
-      // dy of order 1e30 times xhat of order 1: dweight ~ 1e31 fits in float, dx ~ 1e30 / 1e30.
-      Vec dys = nktest::random_vector(g.P * g.C * g.Q, 95);
-      auto dy1 = nktest::make_tensor<float, R, Eigen::RowMajor>(dims, nktest::quantized<float>(dys));
-      bn.backward(x, dy1, cache, dx, grads);
-      const RefGrads want = ref_backward(true, xs, nktest::quantized<float>(dys), g, s, 1e-5L, nullptr);
-      nktest::expect_close(nktest::values(grads.weight), want.dweight, 1e-4 * max_abs(want.dweight), 1e-4, "dweight");
-      for (float v : nktest::logical(dx)) EXPECT_TRUE(std::isfinite(v));
-    });
+    const FloatStep got = float_train_step<Eigen::RowMajor>(bn, dims, xs, dys);
+    const RefStats s = ref_batch_stats(xs, g);
+    nktest::expect_close(got.y, ref_normalize(xs, g, s, 1e-5L, nullptr, nullptr), 1e-4, 1e-4, "y");
+    const RefGrads want = ref_backward(true, xs, dys, g, s, 1e-5L, nullptr);
+    nktest::expect_close(got.dweight, want.dweight, 1e-4 * max_abs(want.dweight), 1e-4, "dweight");
+    for (float v : got.dx) EXPECT_TRUE(std::isfinite(v));
   }
 }
 
@@ -894,22 +900,12 @@ TEST(BatchNormNumericsTest, SumsOfDyPastFloatLeaveDxFinite) {
     for (double& v : dys) v *= 1e37;
     dys = nktest::quantized<float>(dys);
     normkit::BatchNorm<float> bn(g.C);
-    with_rank(dims.size(), [&](auto rank) {
-      constexpr int R = decltype(rank)::value;
-      auto x = nktest::make_tensor<float, R, Eigen::RowMajor>(dims, xs);
-      auto dy = nktest::make_tensor<float, R, Eigen::RowMajor>(dims, dys);
-      decltype(x) y(x.dimensions()), dx(x.dimensions());
-      normkit::BatchNorm<float>::Cache cache;
-      normkit::BatchNorm<float>::Grads grads;
-      bn.forward(x, y, cache);
-      bn.backward(x, dy, cache, dx, grads);
-      const std::string where = "shape " + normkit::detail::shape_str(dims);
-      const RefGrads want = ref_backward(true, xs, dys, g, ref_batch_stats(xs, g), 1e-5L, nullptr);
-      nktest::expect_close(nktest::logical(dx), want.dx, 1e-4 * max_abs(want.dx), 0, "dx, " + where);
-      nktest::expect_close(nktest::values(grads.weight), want.dweight, 1e-4 * max_abs(want.dweight), 0,
-                           "dweight, " + where);
-      for (float v : nktest::values(grads.bias)) EXPECT_EQ(v, std::numeric_limits<float>::infinity()) << where;
-    });
+    const FloatStep got = float_train_step<Eigen::RowMajor>(bn, dims, xs, dys);
+    const std::string where = "shape " + normkit::detail::shape_str(dims);
+    const RefGrads want = ref_backward(true, xs, dys, g, ref_batch_stats(xs, g), 1e-5L, nullptr);
+    nktest::expect_close(got.dx, want.dx, 1e-4 * max_abs(want.dx), 0, "dx, " + where);
+    nktest::expect_close(got.dweight, want.dweight, 1e-4 * max_abs(want.dweight), 0, "dweight, " + where);
+    for (float v : got.dbias) EXPECT_EQ(v, std::numeric_limits<float>::infinity()) << where;
   }
 }
 
