@@ -1,6 +1,8 @@
-// BM_BatchNorm_*: fp32, RowMajor. Shapes: 32x64x56x56 as NCHW (channel axis 1) and as
-// NHWC (channels-last, axis -1), and 256x512 (N, C); 1 and 2 threads. Bytes: forward
-// 8 B/float (read x, write y), backward 12 B/float (read x and dy, write dx).
+// BM_BatchNorm_*: fp32, RowMajor, the shapes of nkbench::kBatchNormShapes (32x64x56x56
+// as NCHW, channel axis 1, and as NHWC, channels-last, axis -1; 256x512 as N x C;
+// 32x256x14x14 and 32x512x7x7 NCHW) at the thread counts of nkbench::thread_list.
+// Bytes: forward 8 B/float (read x, write y), backward 12 B/float (read x and dy, write
+// dx).
 #include <normkit/normkit.hpp>
 
 #include "common.hpp"
@@ -10,34 +12,23 @@ using nkbench::Index;
 using Tensor4 = nkbench::PageTensor<4>;
 using Tensor2 = nkbench::PageTensor<2>;
 
-enum Shape { kNCHW = 0, kNHWC = 1, kNC = 2 };
-
-/// Calls f(x, y, dy, dx, layer) with tensors of the shape `s`.
+/// Calls f(x, y, dy, dx, layer) with tensors of the shape `s` (rank 2 for N x C).
 template <class F>
-void with_shape(int s, F&& f) {
-  if (s == kNC) {
-    Tensor2 x(256, 512), y(256, 512), dy(256, 512), dx(256, 512);
-    normkit::BatchNorm<float> bn(512);
+void with_shape(const nkbench::BatchNormShape& s, F&& f) {
+  normkit::BatchNorm<float> bn(s.channels(), normkit::BatchNormOptions().channel_axis(s.channels_last ? -1 : 1));
+  if (s.rank2()) {
+    Tensor2 x(s.dims[0], s.dims[1]), y(s.dims[0], s.dims[1]), dy(s.dims[0], s.dims[1]), dx(s.dims[0], s.dims[1]);
     f(x, y, dy, dx, bn);
     return;
   }
-  const std::array<Index, 4> d = s == kNCHW ? std::array<Index, 4>{32, 64, 56, 56} : std::array<Index, 4>{32, 56, 56, 64};
-  Tensor4 x(d), y(d), dy(d), dx(d);
-  normkit::BatchNorm<float> bn(64, normkit::BatchNormOptions().channel_axis(s == kNCHW ? 1 : -1));
+  Tensor4 x(s.dims), y(s.dims), dy(s.dims), dx(s.dims);
   f(x, y, dy, dx, bn);
-}
-
-void shapes(benchmark::internal::Benchmark* b) {
-  for (int threads : {1, 2})
-    for (int s : {kNCHW, kNHWC, kNC}) b->Args({s, threads});
-  b->ArgNames({"shape(0=NCHW,1=NHWC,2=NC)", "threads"});
-  b->UseRealTime();
 }
 
 void BM_BatchNorm_TrainForward(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(1));
   Index n = 0;
-  with_shape(static_cast<int>(state.range(0)), [&](auto& x, auto& y, auto&, auto&, auto& bn) {
+  with_shape(nkbench::batch_norm_shape(state), [&](auto& x, auto& y, auto&, auto&, auto& bn) {
     x.setRandom();
     n = x.size();
     normkit::BatchNorm<float>::Cache cache;
@@ -56,7 +47,7 @@ void BM_BatchNorm_TrainForward(benchmark::State& state) {
 void BM_BatchNorm_TrainBackward(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(1));
   Index n = 0;
-  with_shape(static_cast<int>(state.range(0)), [&](auto& x, auto& y, auto& dy, auto& dx, auto& bn) {
+  with_shape(nkbench::batch_norm_shape(state), [&](auto& x, auto& y, auto& dy, auto& dx, auto& bn) {
     x.setRandom();
     dy.setRandom();
     n = x.size();
@@ -78,7 +69,7 @@ void BM_BatchNorm_TrainBackward(benchmark::State& state) {
 void BM_BatchNorm_EvalForward(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(1));
   Index n = 0;
-  with_shape(static_cast<int>(state.range(0)), [&](auto& x, auto& y, auto&, auto&, auto& bn) {
+  with_shape(nkbench::batch_norm_shape(state), [&](auto& x, auto& y, auto&, auto&, auto& bn) {
     x.setRandom();
     n = x.size();
     bn.eval();
@@ -94,8 +85,8 @@ void BM_BatchNorm_EvalForward(benchmark::State& state) {
   nkbench::report(state, 8, n, threads);
 }
 
-BENCHMARK(BM_BatchNorm_TrainForward)->Apply(shapes);
-BENCHMARK(BM_BatchNorm_TrainBackward)->Apply(shapes);
-BENCHMARK(BM_BatchNorm_EvalForward)->Apply(shapes);
+BENCHMARK(BM_BatchNorm_TrainForward)->Apply(nkbench::batch_norm_shapes);
+BENCHMARK(BM_BatchNorm_TrainBackward)->Apply(nkbench::batch_norm_shapes);
+BENCHMARK(BM_BatchNorm_EvalForward)->Apply(nkbench::batch_norm_shapes);
 
 }  // namespace

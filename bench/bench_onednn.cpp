@@ -164,12 +164,11 @@ void BM_OneDNN_DyT_Forward(benchmark::State& state) {
 
 // ---- BatchNorm: batch_normalization_forward / _backward; the shapes of bench_batch_norm.cpp.
 
-enum Shape { kNCHW = 0, kNHWC = 1, kNC = 2 };
-
-/// One BatchNorm case: x, y, dy, dx as flat buffers viewed by normkit as rank 4 (NC as
-/// [256, 512, 1, 1], the same numbers as the rank-2 case) and by oneDNN with its tag.
+/// One BatchNorm case: x, y, dy, dx as flat buffers viewed by normkit as rank 4 (N x C
+/// as [N, C, 1, 1], the same numbers as the rank-2 case) and by oneDNN with its tag.
 struct BatchNormSetup {
   int threads;
+  const nkbench::BatchNormShape& shape;
   std::array<Index, 4> dims;  // normkit's logical dims (RowMajor)
   Index channels, n;
   normkit::BatchNorm<float> bn;
@@ -178,25 +177,20 @@ struct BatchNormSetup {
   memory::desc md, cmd;
   using Map = Eigen::TensorMap<Eigen::Tensor<float, 4, Eigen::RowMajor>>;
 
-  static std::array<Index, 4> dims_of(int s) {
-    if (s == kNCHW) return {32, 64, 56, 56};
-    if (s == kNHWC) return {32, 56, 56, 64};
-    return {256, 512, 1, 1};
-  }
   explicit BatchNormSetup(const benchmark::State& state)
       : threads(static_cast<int>(state.range(1))),
-        dims(dims_of(static_cast<int>(state.range(0)))),
-        channels(state.range(0) == kNHWC ? dims[3] : dims[1]),
-        n(dims[0] * dims[1] * dims[2] * dims[3]),
-        bn(channels, normkit::BatchNormOptions().channel_axis(state.range(0) == kNHWC ? -1 : 1)),
+        shape(nkbench::batch_norm_shape(state)),
+        dims(shape.dims),
+        channels(shape.channels()),
+        n(shape.size()),
+        bn(channels, normkit::BatchNormOptions().channel_axis(shape.channels_last ? -1 : 1)),
         x(static_cast<std::size_t>(n)), y(x.size()), dy(x.size()), dx(x.size()), ref(x.size()),
         mean(static_cast<std::size_t>(channels)), var(mean.size()), dweight(mean.size()), dbias(mean.size()),
         cmd({channels}, f32, Tag::a) {
     omp_set_num_threads(threads);
-    const int s = static_cast<int>(state.range(0));
-    md = s == kNC ? memory::desc({dims[0], dims[1]}, f32, Tag::ab)
-                  : memory::desc({dims[0], channels, s == kNHWC ? dims[1] : dims[2], s == kNHWC ? dims[2] : dims[3]},
-                                 f32, s == kNHWC ? Tag::nhwc : Tag::nchw);
+    md = shape.rank2() ? memory::desc({dims[0], dims[1]}, f32, Tag::ab)
+         : shape.channels_last ? memory::desc({dims[0], channels, dims[1], dims[2]}, f32, Tag::nhwc)
+                               : memory::desc({dims[0], channels, dims[2], dims[3]}, f32, Tag::nchw);
     map(x).setRandom();
     map(dy).setRandom();
     bn.weight().setRandom();
@@ -265,19 +259,11 @@ void BM_OneDNN_BatchNorm_EvalForward(benchmark::State& state) {
   time_primitive(state, prim, args, s.y.data(), 8, s.n, s.threads);
 }
 
-/// The Args of bench_batch_norm.cpp: {shape, threads}, with the same names.
-void batch_norm_shapes(benchmark::internal::Benchmark* b) {
-  for (int threads : nkbench::thread_list())
-    for (int s : {kNCHW, kNHWC, kNC}) b->Args({s, threads});
-  b->ArgNames({"shape(0=NCHW,1=NHWC,2=NC)", "threads"});
-  b->UseRealTime();
-}
-
 BENCHMARK(BM_OneDNN_LayerNorm_Forward)->Apply(nkbench::row_shapes);
 BENCHMARK(BM_OneDNN_LayerNorm_Backward)->Apply(nkbench::row_shapes);
 BENCHMARK(BM_OneDNN_DyT_Forward)->Apply(nkbench::row_shapes);
-BENCHMARK(BM_OneDNN_BatchNorm_TrainForward)->Apply(batch_norm_shapes);
-BENCHMARK(BM_OneDNN_BatchNorm_TrainBackward)->Apply(batch_norm_shapes);
-BENCHMARK(BM_OneDNN_BatchNorm_EvalForward)->Apply(batch_norm_shapes);
+BENCHMARK(BM_OneDNN_BatchNorm_TrainForward)->Apply(nkbench::batch_norm_shapes);
+BENCHMARK(BM_OneDNN_BatchNorm_TrainBackward)->Apply(nkbench::batch_norm_shapes);
+BENCHMARK(BM_OneDNN_BatchNorm_EvalForward)->Apply(nkbench::batch_norm_shapes);
 
 }  // namespace

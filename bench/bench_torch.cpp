@@ -204,25 +204,19 @@ void BM_Torch_DyT_Backward(benchmark::State& state) {
 
 // ---- BatchNorm: the native kernels; NHWC is a channels_last view, as torch stores it.
 
-enum Shape { kNCHW = 0, kNHWC = 1, kNC = 2 };
-
 struct BatchNormSetup {
-  int shape, threads;
+  int threads;
+  const nkbench::BatchNormShape& shape;
   std::array<Index, 4> dims;  // normkit's logical dims (RowMajor)
   Index channels, n;
   normkit::BatchNorm<float> bn;
   nkbench::PageBuffer x, y, dy, ref;
   using Map = Eigen::TensorMap<Eigen::Tensor<float, 4, Eigen::RowMajor>>;
 
-  static std::array<Index, 4> dims_of(int s) {
-    if (s == kNCHW) return {32, 64, 56, 56};
-    if (s == kNHWC) return {32, 56, 56, 64};
-    return {256, 512, 1, 1};
-  }
   explicit BatchNormSetup(const benchmark::State& state)
-      : shape(static_cast<int>(state.range(0))), threads(static_cast<int>(state.range(1))), dims(dims_of(shape)),
-        channels(shape == kNHWC ? dims[3] : dims[1]), n(dims[0] * dims[1] * dims[2] * dims[3]),
-        bn(channels, normkit::BatchNormOptions().eps(kEps).channel_axis(shape == kNHWC ? -1 : 1)),
+      : threads(static_cast<int>(state.range(1))), shape(nkbench::batch_norm_shape(state)), dims(shape.dims),
+        channels(shape.channels()), n(shape.size()),
+        bn(channels, normkit::BatchNormOptions().eps(kEps).channel_axis(shape.channels_last ? -1 : 1)),
         x(static_cast<std::size_t>(n)), y(x.size()), dy(x.size()), ref(x.size()) {
     at::set_num_threads(threads);
     map(x).setRandom();
@@ -233,13 +227,13 @@ struct BatchNormSetup {
   Map map(const nkbench::PageBuffer& v) const { return Map(v.data(), dims); }
   /// normkit's buffer as the N, C, ... tensor torch expects (channels_last for NHWC).
   at::Tensor nchw(const nkbench::PageBuffer& v) const {
-    if (shape == kNC) return view(v.data(), {dims[0], dims[1]});
+    if (shape.rank2()) return view(v.data(), {dims[0], dims[1]});
     const at::Tensor t = view(v.data(), {dims[0], dims[1], dims[2], dims[3]});
-    return shape == kNHWC ? t.permute({0, 3, 1, 2}) : t;
+    return shape.channels_last ? t.permute({0, 3, 1, 2}) : t;
   }
   /// A torch result back in normkit's memory order.
   at::Tensor to_normkit(const at::Tensor& t) const {
-    return shape == kNHWC ? t.permute({0, 2, 3, 1}).contiguous() : t.contiguous();
+    return shape.channels_last ? t.permute({0, 2, 3, 1}).contiguous() : t.contiguous();
   }
   at::Tensor channel(Eigen::Tensor<float, 1>& v) const { return view(v.data(), {channels}); }
 };
@@ -299,22 +293,14 @@ void BM_Torch_BatchNorm_EvalForward(benchmark::State& state) {
   time_call(state, call, 8, s.n, s.threads);
 }
 
-/// The Args of bench_batch_norm.cpp: {shape, threads}, with the same names.
-void batch_norm_shapes(benchmark::internal::Benchmark* b) {
-  for (int threads : nkbench::thread_list())
-    for (int s : {kNCHW, kNHWC, kNC}) b->Args({s, threads});
-  b->ArgNames({"shape(0=NCHW,1=NHWC,2=NC)", "threads"});
-  b->UseRealTime();
-}
-
 BENCHMARK(BM_Torch_LayerNorm_Forward)->Apply(nkbench::row_shapes);
 BENCHMARK(BM_Torch_LayerNorm_Backward)->Apply(nkbench::row_shapes);
 BENCHMARK(BM_Torch_RMSNorm_Forward)->Apply(nkbench::row_shapes);
 BENCHMARK(BM_Torch_RMSNorm_Backward)->Apply(nkbench::row_shapes);
 BENCHMARK(BM_Torch_DyT_Forward)->Apply(nkbench::row_shapes);
 BENCHMARK(BM_Torch_DyT_Backward)->Apply(nkbench::row_shapes);
-BENCHMARK(BM_Torch_BatchNorm_TrainForward)->Apply(batch_norm_shapes);
-BENCHMARK(BM_Torch_BatchNorm_TrainBackward)->Apply(batch_norm_shapes);
-BENCHMARK(BM_Torch_BatchNorm_EvalForward)->Apply(batch_norm_shapes);
+BENCHMARK(BM_Torch_BatchNorm_TrainForward)->Apply(nkbench::batch_norm_shapes);
+BENCHMARK(BM_Torch_BatchNorm_TrainBackward)->Apply(nkbench::batch_norm_shapes);
+BENCHMARK(BM_Torch_BatchNorm_EvalForward)->Apply(nkbench::batch_norm_shapes);
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -232,6 +233,40 @@ inline void row_shapes(benchmark::internal::Benchmark* b) {
     for (auto rf : {std::pair<int, int>{128, 768}, {4096, 768}, {8192, 4096}})
       b->Args({rf.first, rf.second, threads});
   b->ArgNames({"rows", "features", "threads"});
+  b->UseRealTime();
+}
+
+/// A BatchNorm shape: logical dims (RowMajor; N x C as [N, C, 1, 1]), channels first
+/// (axis 1) or last (axis 3). The name is the one bench/compare.py prints.
+struct BatchNormShape {
+  const char* name;
+  std::array<Index, 4> dims;
+  bool channels_last;
+  Index channels() const { return channels_last ? dims[3] : dims[1]; }
+  Index size() const { return dims[0] * dims[1] * dims[2] * dims[3]; }
+  bool rank2() const { return dims[2] == 1 && dims[3] == 1 && !channels_last; }
+};
+
+/// The BatchNorm shapes of normkit's and the peers' benchmarks, by the `shape` argument.
+/// The last two are ResNet-50's late stages: runs of 196 and 49 floats per channel and
+/// image, which normkit sums several at a time.
+inline constexpr std::array<BatchNormShape, 5> kBatchNormShapes = {{
+    {"32x64x56x56 NCHW", {32, 64, 56, 56}, false},
+    {"32x56x56x64 NHWC", {32, 56, 56, 64}, true},
+    {"256x512", {256, 512, 1, 1}, false},
+    {"32x256x14x14 NCHW", {32, 256, 14, 14}, false},
+    {"32x512x7x7 NCHW", {32, 512, 7, 7}, false},
+}};
+
+inline const BatchNormShape& batch_norm_shape(const benchmark::State& state) {
+  return kBatchNormShapes.at(static_cast<std::size_t>(state.range(0)));
+}
+
+/// {shape, threads}: every shape of kBatchNormShapes at every thread count.
+inline void batch_norm_shapes(benchmark::internal::Benchmark* b) {
+  for (int threads : thread_list())
+    for (std::size_t s = 0; s < kBatchNormShapes.size(); ++s) b->Args({static_cast<std::int64_t>(s), threads});
+  b->ArgNames({"shape", "threads"});
   b->UseRealTime();
 }
 

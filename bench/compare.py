@@ -30,7 +30,9 @@ PEERS = {"OneDNN": "oneDNN", "Torch": "torch", "DyTEigen": "Eigen expr"}
 PEER_ORDER = ["oneDNN", "torch", "Eigen expr"]
 LAYERS = ["LayerNorm", "RMSNorm", "DyT", "BatchNorm"]
 DIRECTIONS = ["Forward", "Backward", "TrainForward", "TrainBackward", "EvalForward"]
-BN_SHAPES = {0: "32x64x56x56 NCHW", 1: "32x56x56x64 NHWC", 2: "256x512"}
+# nkbench::kBatchNormShapes (bench/common.hpp), by the `shape` argument.
+BN_SHAPES = {0: "32x64x56x56 NCHW", 1: "32x56x56x64 NHWC", 2: "256x512", 3: "32x256x14x14 NCHW",
+             4: "32x512x7x7 NCHW"}
 
 
 def parse_name(name):
