@@ -191,6 +191,10 @@ const std::vector<Case> kGrid = {
     {{2, 3, 4, 5}, 1},    {{3, 2, 9, 7}, 1},   {{2, 3, 17, 3}, 1},    {{2, 5, 3, 3}, 3},
     {{4, 3, 3, 17}, -1},  {{3, 4, 5}, 2},      {{7, 2, 3}, 0},        {{2, 3, 2, 2, 3}, 1},
     {{2, 2, 3, 3, 4}, -1}, {{2, 2, 2100}, 1},  {{70, 2, 3}, 1},
+    // short rows summed a channel's piece at a time: three runs a piece (small enough for
+    // the finite differences); two pieces a channel, of four runs and three, with four
+    // channels summed at once and one alone
+    {{3, 1, 40}, 1},      {{7, 5, 401}, 1},
     // (N, C) wider than one column-path work item (512) with row chunks not a multiple
     // of the 4 rows summed at once
     {{261, 530}, 1},
@@ -385,7 +389,7 @@ TYPED_TEST(BatchNormTest, ThreadCountsGiveBitwiseEqualResults) {
   using T = typename C::Scalar;
   using Acc = typename normkit::BatchNorm<T>::Acc;
   // Row path with several segments, NCHW, column path with several blocks, channels-last.
-  for (const Case& c : {Case{{3, 4, 5000}, 1}, Case{{8, 16, 9, 9}, 1}, Case{{4000, 19}, 1},
+  for (const Case& c : {Case{{3, 4, 5000}, 1}, Case{{8, 16, 9, 9}, 1}, Case{{9, 6, 300}, 1}, Case{{4000, 19}, 1},
                         Case{{50, 7, 7, 24}, -1}, Case{{1030, 530}, 1}, Case{{20000, 5}, 1}}) {
     with_rank(c.dims.size(), [&](auto rank) {
       constexpr int R = decltype(rank)::value;
@@ -451,6 +455,7 @@ TYPED_TEST(BatchNormTest, ChannelGroupsGiveTheBitsOfOneGroup) {
   using Acc = typename normkit::BatchNorm<T>::Acc;
   // Row path in row-major layout, then in column-major (the first dims are the rows).
   for (const Case& c : {Case{{3, 5, 33}, 1}, Case{{2, 4, 7, 9}, 1}, Case{{2, 3, 2100}, 1}, Case{{3, 6, 40}, 1},
+                        Case{{9, 6, 300}, 1},
                         Case{{2, 3, 5, 40}, 2}, Case{{40, 4, 3}, 1}, Case{{33, 3, 2, 2}, 1}, Case{{5, 7, 9, 2}, 2}}) {
     with_rank(c.dims.size(), [&](auto rank) {
       constexpr int R = decltype(rank)::value;
@@ -886,14 +891,15 @@ TEST(BatchNormNumericsTest, HugeFiniteValuesDoNotOverflow) {
 }
 
 // A sum of dy past FLT_MAX while dx is not: dy in [0.5, 1] x 1e37, 50 values a row and
-// 100 a channel (sum(dy) ~ 7.5e38), x of order 1, on the row path (2, 3, 50: six rows,
-// four summed as a group and two alone) and the column path (100, 3). Such sums are
+// 100 a channel (sum(dy) ~ 7.5e38), x of order 1, on the row path (2, 5, 50: a piece of
+// two runs a channel, four channels summed as a group and one alone) and the column path
+// (100, 3). Such sums are
 // redone in double, and a channel whose coefficients still leave float goes through long
 // double; either way dx and dweight stay finite and match the long-double reference
 // (dbias, the sum itself, is +inf in float). With the redo in double switched off the
 // long-double path alone still passes this: it checks the results, not which path.
 TEST(BatchNormNumericsTest, SumsOfDyPastFloatLeaveDxFinite) {
-  for (const std::vector<Index>& dims : {std::vector<Index>{2, 3, 50}, std::vector<Index>{100, 3}}) {
+  for (const std::vector<Index>& dims : {std::vector<Index>{2, 5, 50}, std::vector<Index>{100, 3}}) {
     const Geo g = geo_of(dims, 1);
     const Vec xs = nktest::quantized<float>(nktest::random_vector(g.P * g.C * g.Q, 101));
     Vec dys = nktest::random_vector(g.P * g.C * g.Q, 102, 0.5, 1.0);

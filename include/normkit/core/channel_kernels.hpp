@@ -214,86 +214,142 @@ EIGEN_DONT_INLINE Moments segment_moments(const T* x, Index n) {
   return corrected_moments(n, m, sd, sd2);
 }
 
-/// Row path: rows of at most this many values take their moments kRunsAtOnce rows at a
-/// time (runs_moments); longer ones a segment at a time (segment_moments).
+/// Row path: rows (runs) of at most kShortRun values are summed in pieces of a channel's
+/// runs, kRunsAtOnce channels at a time (runs_moments, runs_grad_sums); longer ones a
+/// segment of kSeg at a time.
 inline constexpr Index kShortRun = 512;
 inline constexpr Index kRunsAtOnce = 4;
-static_assert(kShortRun <= kSeg, "a short run is one segment");
+static_assert(kShortRun <= kSeg, "a short run fits in a piece");
 
-/// Row path, rows of at most kShortRun: the rows of the channels of cr (v.outer *
-/// cr.size() of them, in the order of cr.run_offset) in groups of kRunsAtOnce spread over
-/// dev, body(std::integral_constant<Index, G>, r0) taking rows r0 .. r0 + G - 1: G =
-/// kRunsAtOnce, and G = 1 for each row of a last, short group. `streams`: how many
-/// arrays of T a row reads.
+/// The pieces of each channel on the short-run path: its runs (one per outer index,
+/// v.inner values each, v.C * v.inner apart) `runs` at a time, at most kSeg values a
+/// piece, as even as they go; `count` pieces a channel. A piece is summed as one: its
+/// two passes in L1, one horizontal reduction each. A run at a time (runs of 49 in
+/// 32x512x7x7, a reduction, a division and a merge every 49 values) the moments took
+/// 70% of BatchNorm's forward.
+struct ShortPieces {
+  Index runs = 1, count = 1;
+  explicit ShortPieces(const ChannelView& v) {
+    const Index most = std::max<Index>(1, kSeg / std::max<Index>(v.inner, 1)), outer = std::max<Index>(v.outer, 1);
+    count = (outer + most - 1) / most;
+    runs = (outer + count - 1) / count;
+    count = (outer + runs - 1) / runs;
+  }
+  /// The runs of piece p (the last may have fewer).
+  Index runs_of(Index p, const ChannelView& v) const { return std::min(runs, v.outer - p * runs); }
+  /// The first value of piece p of channel c.
+  Index offset(Index p, Index c, const ChannelView& v) const { return (p * runs * v.C + c) * v.inner; }
+};
+
+/// Short-run path: body(std::integral_constant<Index, G>, p, c0) for piece p of the G
+/// channels c0 .. c0 + G - 1, over every piece of the channels of cr, spread over dev:
+/// G = kRunsAtOnce, and G = 1 for each channel of a last, short group. `streams`: how
+/// many arrays of T a piece reads.
 template <class T, class Dev, class Body>
-void for_each_row_group(const Dev& dev, const ChannelView& v, ChannelRange cr, double streams, Body&& body) {
-  const Index rows = v.outer * cr.size(), items = (rows + kRunsAtOnce - 1) / kRunsAtOnce;
-  const double len = double(kRunsAtOnce * v.inner);
-  parallel_for(dev, items, streams * len * double(sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
+void for_each_piece_group(const Dev& dev, const ChannelView& v, ChannelRange cr, const ShortPieces& sp,
+                          double streams, Body&& body) {
+  const Index groups = (cr.size() + kRunsAtOnce - 1) / kRunsAtOnce;
+  const double len = double(kRunsAtOnce * sp.runs * v.inner);
+  parallel_for(dev, sp.count * groups, streams * len * double(sizeof(T)), 3.0 * len, [&](Index i0, Index i1) {
     for (Index i = i0; i < i1; ++i) {
-      const Index r0 = i * kRunsAtOnce;
-      if (rows - r0 >= kRunsAtOnce)
-        body(std::integral_constant<Index, kRunsAtOnce>{}, r0);
+      const Index p = i / groups, c0 = cr.begin + (i % groups) * kRunsAtOnce;
+      if (cr.end - c0 >= kRunsAtOnce)
+        body(std::integral_constant<Index, kRunsAtOnce>{}, p, c0);
       else
-        for (Index r = r0; r < rows; ++r) body(std::integral_constant<Index, 1>{}, r);
+        for (Index c = c0; c < cr.end; ++c) body(std::integral_constant<Index, 1>{}, p, c);
     }
   });
 }
 
-/// The moments of G runs of n values each (x[g], n >= 1), the same two passes as
-/// segment_moments, around the same shift, with the runs' sums interleaved: a short run
-/// alone is a chain of latencies (its sums, their horizontal reductions, the division
-/// for the mean, the second pass, two more reductions), which four runs at once
-/// overlap. Each run's arithmetic is that of the run alone (G = 1), whatever its
-/// neighbours: the group a run falls in does not change its bits. BatchNorm training
-/// forward, float, 1 thread, AVX-512 Xeon, medians, one run at a time (with this, the
-/// grad sums four at a time, and masked partial packets): ColMajor [128, 768] (768 runs
-/// of 128) 38 us -> 28, [64, 1024] 70 -> 28, NCHW 32x512x7x7 (runs of 49) 1.40 ms ->
-/// 0.54 (backward 1.02 -> 0.59), 32x256x14x14 0.90 -> 0.79.
+/// Whether k runs of n values, ld apart from x on, are all finite.
+template <class T>
+bool runs_finite(const T* x, Index n, Index k, Index ld) {
+  for (Index q = 0; q < k; ++q)
+    if (!all_finite(x + q * ld, n)) return false;
+  return true;
+}
+
+/// The moments of G pieces, each k runs of n values ld apart from x[g] on (n >= 1),
+/// two-pass around the first value, with the pieces' sums interleaved: a piece alone is
+/// a chain of latencies (its sums, their horizontal reductions, the division for the
+/// mean, the second pass, two more reductions), which four at once overlap. A run's
+/// last n % W values are a masked packet. Each piece's arithmetic is that of the piece
+/// alone (G = 1), whatever its neighbours: the group a piece falls in does not change its
+/// bits. BatchNorm training forward, float, 1 thread, AVX-512 Xeon, medians: four runs at
+/// a time against one, ColMajor [128, 768] (768 runs of 128) 38 us -> 28, [64, 1024] 70 ->
+/// 28; pieces of a channel's runs against a run a piece (three runs each, alternating),
+/// NCHW 32x512x7x7 0.49-0.50 ms -> 0.29-0.35 (backward 0.53-0.57 -> 0.46), 32x256x14x14
+/// 0.73-0.76 -> 0.63-0.65 (backward 0.90-0.93 -> 0.85-0.86), 8x64x16x16 25 us -> 20; but
+/// ColMajor [128, 768] 27.6 -> 29.4-30.1 with GCC 12 (the same loops, one trip of the run
+/// loop; clang 14: 31 -> 27.5).
 template <Index G, class Acc, class T>
-EIGEN_DONT_INLINE void runs_moments(const T* const* x, Index n, Moments* out) {
+EIGEN_DONT_INLINE void runs_moments(const T* const* x, Index n, Index k, Index ld, Moments* out) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
-  const Index full = n / W * W;
-  Acc s[std::size_t(G)], m[std::size_t(G)];
-  P ps[std::size_t(G)], a[std::size_t(G)], b[std::size_t(G)];
+  constexpr std::size_t NG = G;  // array bounds (unsigned)
+  const Index full = n / W * W, tail = n - full;
+  const P keep = first_lanes<P>(tail);
+  Acc m[NG];
+  P ps[NG], a[NG], b[NG];
   for (Index g = 0; g < G; ++g) {
-    s[g] = static_cast<Acc>(x[g][0]);
-    ps[g] = pset1<P>(s[g]);
-    a[g] = b[g] = zero<Acc>();
-  }
-  Index i = 0;
-  for (; i + 2 * W <= full; i += 2 * W)
-    for (Index g = 0; g < G; ++g) {
-      a[g] = padd(a[g], psub(load<Acc>(x[g] + i), ps[g]));
-      b[g] = padd(b[g], psub(load<Acc>(x[g] + i + W), ps[g]));
-    }
-  if (i < full)
-    for (Index g = 0; g < G; ++g) a[g] = padd(a[g], psub(load<Acc>(x[g] + i), ps[g]));
-  for (Index g = 0; g < G; ++g) {
-    Acc r = predux(padd(a[g], b[g]));
-    for (Index j = full; j < n; ++j) r += static_cast<Acc>(x[g][j]) - s[g];
-    m[g] = s[g] + r / static_cast<Acc>(n);
+    m[g] = static_cast<Acc>(x[g][0]);
     ps[g] = pset1<P>(m[g]);
-    a[g] = b[g] = zero<Acc>();
   }
-  for (i = 0; i < full; i += W)
-    for (Index g = 0; g < G; ++g) {
-      const P d = psub(load<Acc>(x[g] + i), ps[g]);
-      a[g] = padd(a[g], d);
-      b[g] = pmadd(d, d, b[g]);
-    }
+  // Each run's sums go into accumulators of its own, in registers, and the piece's are
+  // the first run's sums, then those plus the next: set to zero before the loop, GCC
+  // zeroed the piece's accumulators on the stack in halves and read them back whole (a
+  // store-forwarding stall; ColMajor [128, 768], one run a piece: 8% more time).
+  for (Index q = 0; q < k; ++q) {
+    const Index o = q * ld;
+    P ra[NG], rb[NG];
+    for (Index g = 0; g < G; ++g) ra[g] = rb[g] = zero<Acc>();
+    Index i = 0;
+    for (; i + 2 * W <= full; i += 2 * W)
+      for (Index g = 0; g < G; ++g) {
+        ra[g] = padd(ra[g], psub(load<Acc>(x[g] + o + i), ps[g]));
+        rb[g] = padd(rb[g], psub(load<Acc>(x[g] + o + i + W), ps[g]));
+      }
+    if (i < full)
+      for (Index g = 0; g < G; ++g) ra[g] = padd(ra[g], psub(load<Acc>(x[g] + o + i), ps[g]));
+    if (tail)
+      for (Index g = 0; g < G; ++g) rb[g] = padd(rb[g], pand(psub(load_partial<Acc>(x[g] + o + full, tail), ps[g]), keep));
+    for (Index g = 0; g < G; ++g) a[g] = q ? padd(a[g], padd(ra[g], rb[g])) : padd(ra[g], rb[g]);
+  }
   for (Index g = 0; g < G; ++g) {
-    Acc sd = predux(a[g]), sd2 = predux(b[g]);
-    sum_d_d2_tail(x[g], full, n, m[g], sd, sd2);
+    m[g] += predux(a[g]) / static_cast<Acc>(n * k);
+    ps[g] = pset1<P>(m[g]);
+  }
+  for (Index q = 0; q < k; ++q) {
+    const Index o = q * ld;
+    P ra[NG], rb[NG];
+    for (Index g = 0; g < G; ++g) ra[g] = rb[g] = zero<Acc>();
+    for (Index i = 0; i < full; i += W)
+      for (Index g = 0; g < G; ++g) {
+        const P d = psub(load<Acc>(x[g] + o + i), ps[g]);
+        ra[g] = padd(ra[g], d);
+        rb[g] = pmadd(d, d, rb[g]);
+      }
+    if (tail)
+      for (Index g = 0; g < G; ++g) {
+        const P d = pand(psub(load_partial<Acc>(x[g] + o + full, tail), ps[g]), keep);
+        ra[g] = padd(ra[g], d);
+        rb[g] = pmadd(d, d, rb[g]);
+      }
+    for (Index g = 0; g < G; ++g) {
+      a[g] = q ? padd(a[g], ra[g]) : ra[g];
+      b[g] = q ? padd(b[g], rb[g]) : rb[g];
+    }
+  }
+  for (Index g = 0; g < G; ++g) {
+    const Acc sd = predux(a[g]), sd2 = predux(b[g]);
     if constexpr (std::is_same_v<Acc, float>) {
-      if (!(std::isfinite(sd) && std::isfinite(sd2)) && all_finite(x[g], n)) {
-        out[g] = segment_moments<double>(x[g], n);
+      if (!(std::isfinite(sd) && std::isfinite(sd2)) && runs_finite(x[g], n, k, ld)) {
+        runs_moments<1, double>(x + g, n, k, ld, out + g);
         continue;
       }
     }
-    out[g] = corrected_moments(n, m[g], sd, sd2);
+    out[g] = corrected_moments(n * k, m[g], sd, sd2);
   }
 }
 
@@ -517,16 +573,19 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, IndexVect
   constexpr Index W = packet_size<Acc>;
   std::fill(out + cr.begin, out + cr.end, Moments{});
   if (v.size() == 0) return;
-  if (v.row_path() && v.inner <= kShortRun) {  // whole rows, kRunsAtOnce at a time
-    work.resize(v.outer * cr.size());
-    for_each_row_group<T>(dev, v, cr, 1.0, [&](auto group, Index r0) {
+  const ShortPieces sp(v);
+  const Index nch = cr.size();
+  const bool short_runs = v.row_path() && v.inner <= kShortRun;
+  if (short_runs) {  // pieces of runs, kRunsAtOnce channels at a time
+    work.resize(sp.count * nch);
+    for_each_piece_group<T>(dev, v, cr, sp, 1.0, [&](auto group, Index p, Index c0) {
       constexpr Index G = decltype(group)::value;
-      const T* runs[std::size_t(G)];
-      for (Index k = 0; k < G; ++k) runs[k] = x + cr.run_offset(v, r0 + k);
-      runs_moments<G, Acc>(runs, v.inner, work.data() + r0);
+      const T* first[std::size_t(G)];
+      for (Index g = 0; g < G; ++g) first[g] = x + sp.offset(p, c0 + g, v);
+      runs_moments<G, Acc>(first, v.inner, sp.runs_of(p, v), v.cols(), work.data() + p * nch + c0 - cr.begin);
     });
   } else if (v.row_path()) {  // segments of at most kSeg
-    const Index segs = v.segs(), items = v.outer * cr.size() * segs;
+    const Index segs = v.segs(), items = v.outer * nch * segs;
     work.resize(items);
     const Index len = std::min(v.inner, kSeg);
     parallel_for(dev, items, double(len) * double(sizeof(T)), 3.0 * double(len), [&](Index i0, Index i1) {
@@ -539,12 +598,13 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, IndexVect
     });
   }
   if (v.row_path()) {
-    // Each channel's pieces in (outer, segment) order, the channels the inner loop, so
-    // that merges that follow each other (each a chain of double divisions, multiplies
-    // and adds) are independent: one channel after another, the merges of 32x512x7x7
-    // (32 pieces a channel) took 13% of its forward, this way 6%.
-    const Index nch = cr.size(), segs = v.segs();
-    for (Index o = 0; o < v.outer; ++o)
+    // Each channel's pieces in (piece or outer, segment) order, the channels the inner
+    // loop, so that merges that follow each other (each a chain of double divisions,
+    // multiplies and adds) are independent: one channel after another, the merges of
+    // 32x512x7x7 (32 pieces a channel when a piece was a run) took 13% of its forward,
+    // this way 6%.
+    const Index along = short_runs ? sp.count : v.outer, segs = short_runs ? 1 : v.segs();
+    for (Index o = 0; o < along; ++o)
       for (Index c = cr.begin; c < cr.end; ++c)
         for (Index sg = 0; sg < segs; ++sg)
           merge(out[c], work[(o * nch + c - cr.begin) * segs + sg]);
@@ -597,60 +657,63 @@ void channel_moments(const Dev& dev, const T* x, const ChannelView& v, IndexVect
 
 // ---- backward sums ----------------------------------------------------------------
 
-/// The scalar tail [i, n) of runs_grad_sums, added to A, B, C. Never inlined: one
-/// compiled copy for every group size (see sum_d_d2_tail).
-template <class Acc, bool SelfDy, class T>
-EIGEN_DONT_INLINE void grad_sums_tail(const T* x, const T* dy, Index i, Index n, Acc m, Acc r, Acc& A, Acc& B,
-                                      Acc& C) {
-  for (; i < n; ++i) {
-    const Acc d = (static_cast<Acc>(x[i]) - m) * r, g = SelfDy ? d : static_cast<Acc>(dy[i]);
-    A += d;
-    B += g;
-    C += g * d;
-  }
-}
-
-/// A = sum(d), B = sum(dy), Cc = sum(dy * d) with d = (x - m) * r over G contiguous runs
-/// of n values each (x[g], dy[g], m[g], r[g]; abc[3 * g + {0, 1, 2}]), in Acc, U packet
-/// accumulators per sum and run. The backward passes r = rstd, so that d is xhat (of
-/// order 1): dy * (x - m) would underflow where dy and the spread are both small
-/// (dy ~ 1e-42, std ~ 1e-5 in float) and lose what dy * xhat keeps. SelfDy: dy is d
-/// itself, so that Cc = sum(d^2) (dy unused).
-/// G > 1 interleaves the runs' sums, as runs_moments does, for short runs; each run's
-/// arithmetic is that of the run alone (G = 1, the same U).
+/// A = sum(d), B = sum(dy), Cc = sum(dy * d) with d = (x - m) * r over G pieces, each k
+/// runs of n values ld apart from x[g] (and dy[g]) on, with m[g], r[g]; abc[3 * g + {0,
+/// 1, 2}]. In Acc, U packet accumulators per sum and piece; a run's last n % W values
+/// are a masked packet. The backward passes r = rstd, so that d is xhat (of order 1):
+/// dy * (x - m) would underflow where dy and the spread are both small (dy ~ 1e-42, std
+/// ~ 1e-5 in float) and lose what dy * xhat keeps. SelfDy: dy is d itself, so that Cc =
+/// sum(d^2) (dy unused).
+/// G > 1 interleaves the pieces' sums, as runs_moments does; each piece's arithmetic is
+/// that of the piece alone (G = 1, the same U).
 template <Index G, Index U, class Acc, bool SelfDy, class T>
-EIGEN_DONT_INLINE void runs_grad_sums(const T* const* x, const T* const* dy, Index n, const Acc* m, const Acc* r,
-                                      double* abc) {
+EIGEN_DONT_INLINE void runs_grad_sums(const T* const* x, const T* const* dy, Index n, Index k, Index ld,
+                                      const Acc* m, const Acc* r, double* abc) {
   using namespace simd;
   using P = packet_t<Acc>;
   constexpr Index W = packet_size<Acc>;
   constexpr std::size_t NG = G, NU = U;  // array bounds (unsigned)
+  const Index full = n / W * W, tail = n - full;
+  const P keep = first_lanes<P>(tail);
   P pm[NG], pr[NG], a[NG][NU], b[NG][NU], c[NG][NU];
   for (Index g = 0; g < G; ++g) {
     pm[g] = pset1<P>(m[g]);
     pr[g] = pset1<P>(r[g]);
     for (Index u = 0; u < U; ++u) a[g][u] = b[g][u] = c[g][u] = zero<Acc>();
   }
-  Index i = 0;
-  for (; i + U * W <= n; i += U * W)
-    for (Index g = 0; g < G; ++g)
-      for (Index u = 0; u < U; ++u) {
-        const P d = pmul(psub(load<Acc>(x[g] + i + u * W), pm[g]), pr[g]);
-        const P dg = SelfDy ? d : load<Acc>(dy[g] + i + u * W);
-        a[g][u] = padd(a[g][u], d);
-        b[g][u] = padd(b[g][u], dg);
-        c[g][u] = pmadd(dg, d, c[g][u]);
+  const auto add = [&](Index g, Index u, const P& d, const P& dg) {
+    a[g][u] = padd(a[g][u], d);
+    b[g][u] = padd(b[g][u], dg);
+    c[g][u] = pmadd(dg, d, c[g][u]);
+  };
+  for (Index q = 0; q < k; ++q) {
+    const Index o = q * ld;
+    Index i = 0;
+    for (; i + U * W <= n; i += U * W)
+      for (Index g = 0; g < G; ++g)
+        for (Index u = 0; u < U; ++u) {
+          const P d = pmul(psub(load<Acc>(x[g] + o + i + u * W), pm[g]), pr[g]);
+          add(g, u, d, SelfDy ? d : load<Acc>(dy[g] + o + i + u * W));
+        }
+    for (; i < full; i += W)
+      for (Index g = 0; g < G; ++g) {
+        const P d = pmul(psub(load<Acc>(x[g] + o + i), pm[g]), pr[g]);
+        add(g, 0, d, SelfDy ? d : load<Acc>(dy[g] + o + i));
       }
+    if (tail)
+      for (Index g = 0; g < G; ++g) {
+        const P d = pand(pmul(psub(load_partial<Acc>(x[g] + o + full, tail), pm[g]), pr[g]), keep);
+        add(g, 0, d, SelfDy ? d : load_partial<Acc>(dy[g] + o + full, tail));
+      }
+  }
   for (Index g = 0; g < G; ++g) {
-    Acc A = predux(tree_sum<U>(a[g])), B = predux(tree_sum<U>(b[g])), C = predux(tree_sum<U>(c[g]));
-    const T* gy = SelfDy ? nullptr : dy[g];
-    grad_sums_tail<Acc, SelfDy>(x[g], gy, i, n, m[g], r[g], A, B, C);
+    const Acc A = predux(tree_sum<U>(a[g])), B = predux(tree_sum<U>(b[g])), C = predux(tree_sum<U>(c[g]));
     double* o = abc + 3 * g;
     if constexpr (std::is_same_v<Acc, float>) {
-      if (!(std::isfinite(A) && std::isfinite(B) && std::isfinite(C)) && all_finite(x[g], n) &&
-          (SelfDy || all_finite(gy, n)) && std::isfinite(m[g]) && std::isfinite(r[g])) {
+      if (!(std::isfinite(A) && std::isfinite(B) && std::isfinite(C)) && runs_finite(x[g], n, k, ld) &&
+          (SelfDy || runs_finite(dy[g], n, k, ld)) && std::isfinite(m[g]) && std::isfinite(r[g])) {
         const double md = m[g], rd = r[g];
-        runs_grad_sums<1, U, double, SelfDy>(x + g, SelfDy ? nullptr : dy + g, n, &md, &rd, o);
+        runs_grad_sums<1, U, double, SelfDy>(x + g, SelfDy ? nullptr : dy + g, n, k, ld, &md, &rd, o);
         continue;
       }
     }
@@ -744,24 +807,26 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
                        std::vector<double>& work, double* out, ChannelRange cr) {
   for (int q = 0; q < 3; ++q) std::fill(out + q * v.C + cr.begin, out + q * v.C + cr.end, 0.0);
   if (v.size() == 0) return;
-  if (v.row_path() && v.inner <= kShortRun) {  // whole rows, kRunsAtOnce at a time
-    work.resize(static_cast<std::size_t>(3 * v.outer * cr.size()));
-    for_each_row_group<T>(dev, v, cr, 2.0, [&](auto group, Index r0) {
+  const ShortPieces sp(v);
+  const Index nch = cr.size();
+  const bool short_runs = v.row_path() && v.inner <= kShortRun;
+  if (short_runs) {  // pieces of runs, kRunsAtOnce channels at a time
+    work.resize(static_cast<std::size_t>(3 * sp.count * nch));
+    for_each_piece_group<T>(dev, v, cr, sp, 2.0, [&](auto group, Index p, Index c0) {
       constexpr Index G = decltype(group)::value;
       const T* xs[std::size_t(G)];
       const T* gs[std::size_t(G)] = {};
-      Acc ms[std::size_t(G)], rs[std::size_t(G)];
-      for (Index k = 0; k < G; ++k) {
-        const Index off = cr.run_offset(v, r0 + k), c = cr.channel_of(r0 + k);
-        xs[k] = x + off;
-        if (!SelfDy) gs[k] = dy + off;
-        ms[k] = m[c];
-        rs[k] = r ? r[c] : Acc(1);
+      Acc rs[std::size_t(G)];
+      for (Index g = 0; g < G; ++g) {
+        xs[g] = x + sp.offset(p, c0 + g, v);
+        if (!SelfDy) gs[g] = dy + sp.offset(p, c0 + g, v);
+        rs[g] = r ? r[c0 + g] : Acc(1);
       }
-      runs_grad_sums<G, 1, Acc, SelfDy>(xs, gs, v.inner, ms, rs, work.data() + 3 * r0);
+      runs_grad_sums<G, 1, Acc, SelfDy>(xs, gs, v.inner, sp.runs_of(p, v), v.cols(), m + c0, rs,
+                                        work.data() + 3 * (p * nch + c0 - cr.begin));
     });
   } else if (v.row_path()) {  // segments of at most kSeg
-    const Index nch = cr.size(), segs = v.segs(), items = v.outer * nch * segs;
+    const Index segs = v.segs(), items = v.outer * nch * segs;
     work.resize(static_cast<std::size_t>(3 * items));
     const Index len = std::min(v.inner, kSeg);
     parallel_for(dev, items, 2.0 * double(len) * double(sizeof(T)), 3.0 * double(len), [&](Index i0, Index i1) {
@@ -771,15 +836,15 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
         const T* xs = x + off;
         const T* gs = SelfDy ? nullptr : dy + off;
         const Acc rc = r ? r[c] : Acc(1);
-        runs_grad_sums<1, 2, Acc, SelfDy>(&xs, &gs, std::min(kSeg, v.inner - sg * kSeg), m + c, &rc,
+        runs_grad_sums<1, 2, Acc, SelfDy>(&xs, &gs, std::min(kSeg, v.inner - sg * kSeg), 1, 0, m + c, &rc,
                                           work.data() + 3 * i);
       }
     });
   }
-  if (v.row_path()) {  // each channel's pieces in (outer, segment) order
-    const Index nch = cr.size(), segs = v.segs();
+  if (v.row_path()) {  // each channel's pieces in (piece or outer, segment) order
+    const Index along = short_runs ? sp.count : v.outer, segs = short_runs ? 1 : v.segs();
     for (Index c = cr.begin; c < cr.end; ++c)
-      for (Index o = 0; o < v.outer; ++o)
+      for (Index o = 0; o < along; ++o)
         for (Index sg = 0; sg < segs; ++sg) {
           const double* p = work.data() + 3 * ((o * nch + c - cr.begin) * segs + sg);
           for (int q = 0; q < 3; ++q) out[q * v.C + c] += p[q];

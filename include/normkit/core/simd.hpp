@@ -114,6 +114,13 @@ EIGEN_STRONG_INLINE P pisfinite(const P& v) {
   return pcmp_eq(psub(v, v), pset1<P>(0));
 }
 
+/// The mask (all ones or zero per lane) of a packet's first n lanes.
+template <class P>
+EIGEN_STRONG_INLINE P first_lanes(Index n) {
+  using S = typename Eigen::internal::unpacket_traits<P>::type;
+  return Eigen::internal::pcmp_lt(Eigen::internal::plset<P>(S(0)), pset1<P>(static_cast<S>(n)));
+}
+
 template <class Acc, class T>
 EIGEN_STRONG_INLINE packet_t<Acc> load(const T* p) {
   using P = packet_t<Acc>;
