@@ -1082,6 +1082,32 @@ void synchronized_case(const std::vector<long>& split, long C, long Lx, int axis
   for (int r = 0; r < ranks; ++r) EXPECT_EQ(failures[static_cast<std::size_t>(r)], "") << "rank " << r;
 }
 
+// The short-run path sums a channel's runs a piece at a time: the pieces must take
+// every run once, in order, at most kSeg values each (one run where a run is longer),
+// as few pieces as that allows, all but the last the same size.
+TEST(BatchNormKernelsTest, ShortPiecesTakeEveryRunOnce) {
+  using normkit::detail::kSeg;
+  for (Index outer : {1, 2, 3, 7, 31, 32, 33, 41, 42, 100, 257, 1000})
+    for (Index inner : {32, 33, 49, 196, 400, 401, 512}) {
+      const normkit::detail::ChannelView v{outer, 3, inner};
+      const normkit::detail::ShortPieces sp(v);
+      const Index most = std::max<Index>(1, kSeg / inner);
+      EXPECT_EQ(sp.count, (outer + most - 1) / most) << outer << " x " << inner;
+      Index taken = 0;
+      for (Index p = 0; p < sp.count; ++p) {
+        const Index k = sp.runs_of(p, v);
+        EXPECT_GE(k, 1) << outer << " x " << inner << ", piece " << p;
+        EXPECT_LE(k, most) << outer << " x " << inner << ", piece " << p;
+        if (p + 1 < sp.count) {
+          EXPECT_EQ(k, sp.runs) << outer << " x " << inner << ", piece " << p;
+        }
+        EXPECT_EQ(sp.offset(p, 2, v), (taken * 3 + 2) * inner) << outer << " x " << inner << ", piece " << p;
+        taken += k;
+      }
+      EXPECT_EQ(taken, outer) << outer << " x " << inner;
+    }
+}
+
 TEST(BatchNormSyncTest, UnevenSplitOverThreadsEqualsFullBatch) {
   synchronized_case<Eigen::RowMajor>({3, 1, 5}, 4, 40, 1);
   synchronized_case<Eigen::ColMajor>({3, 1, 5}, 4, 40, 1);

@@ -171,4 +171,25 @@ TYPED_TEST(SimdHelpers, PartialPacketsTouchOnlyTheirLanes) {
     }
 }
 
+// first_lanes(n) keeps lanes [0, n) of a packet under pand and zeroes the others, for
+// every n a packet holds (0 and W included), whatever the lanes held: NaN, infinities.
+TYPED_TEST(SimdHelpers, FirstLanesMaskKeepsExactlyTheFirstN) {
+  using F = TypeParam;
+  using P = normkit::detail::packet_t<F>;
+  constexpr Index W = normkit::detail::packet_size<F>;
+  const std::vector<F> v = special_values<F>();
+  for (Index n = 0; n <= W; ++n)
+    for (std::size_t start = 0; start < v.size(); ++start) {
+      alignas(64) F lanes[W];
+      for (Index l = 0; l < W; ++l) lanes[l] = v[(start + static_cast<std::size_t>(l)) % v.size()];
+      const P kept = Eigen::internal::pand(Eigen::internal::pload<P>(lanes), normkit::detail::simd::first_lanes<P>(n));
+      alignas(64) F got[W];
+      Eigen::internal::pstore(got, kept);
+      for (Index l = 0; l < W; ++l) {
+        const F want = l < n ? lanes[l] : F(0);
+        ASSERT_TRUE(same_bits(got[l], want)) << "n " << n << ", lane " << l << ": got " << got[l];
+      }
+    }
+}
+
 }  // namespace
