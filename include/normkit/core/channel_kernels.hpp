@@ -295,51 +295,40 @@ EIGEN_DONT_INLINE void runs_moments(const T* const* x, Index n, Index k, Index l
   for (Index g = 0; g < G; ++g) {
     m[g] = static_cast<Acc>(x[g][0]);
     ps[g] = pset1<P>(m[g]);
+    a[g] = b[g] = zero<Acc>();
   }
-  // Each run's sums go into accumulators of its own, in registers, and the piece's are
-  // the first run's sums, then those plus the next: set to zero before the loop, GCC
-  // zeroed the piece's accumulators on the stack in halves and read them back whole (a
-  // store-forwarding stall; ColMajor [128, 768], one run a piece: 8% more time).
   for (Index q = 0; q < k; ++q) {
     const Index o = q * ld;
-    P ra[NG], rb[NG];
-    for (Index g = 0; g < G; ++g) ra[g] = rb[g] = zero<Acc>();
     Index i = 0;
     for (; i + 2 * W <= full; i += 2 * W)
       for (Index g = 0; g < G; ++g) {
-        ra[g] = padd(ra[g], psub(load<Acc>(x[g] + o + i), ps[g]));
-        rb[g] = padd(rb[g], psub(load<Acc>(x[g] + o + i + W), ps[g]));
+        a[g] = padd(a[g], psub(load<Acc>(x[g] + o + i), ps[g]));
+        b[g] = padd(b[g], psub(load<Acc>(x[g] + o + i + W), ps[g]));
       }
     if (i < full)
-      for (Index g = 0; g < G; ++g) ra[g] = padd(ra[g], psub(load<Acc>(x[g] + o + i), ps[g]));
+      for (Index g = 0; g < G; ++g) a[g] = padd(a[g], psub(load<Acc>(x[g] + o + i), ps[g]));
     if (tail)
-      for (Index g = 0; g < G; ++g) rb[g] = padd(rb[g], pand(psub(load_partial<Acc>(x[g] + o + full, tail), ps[g]), keep));
-    for (Index g = 0; g < G; ++g) a[g] = q ? padd(a[g], padd(ra[g], rb[g])) : padd(ra[g], rb[g]);
+      for (Index g = 0; g < G; ++g) b[g] = padd(b[g], pand(psub(load_partial<Acc>(x[g] + o + full, tail), ps[g]), keep));
   }
   for (Index g = 0; g < G; ++g) {
-    m[g] += predux(a[g]) / static_cast<Acc>(n * k);
+    m[g] += predux(padd(a[g], b[g])) / static_cast<Acc>(n * k);
     ps[g] = pset1<P>(m[g]);
+    a[g] = b[g] = zero<Acc>();
   }
   for (Index q = 0; q < k; ++q) {
     const Index o = q * ld;
-    P ra[NG], rb[NG];
-    for (Index g = 0; g < G; ++g) ra[g] = rb[g] = zero<Acc>();
     for (Index i = 0; i < full; i += W)
       for (Index g = 0; g < G; ++g) {
         const P d = psub(load<Acc>(x[g] + o + i), ps[g]);
-        ra[g] = padd(ra[g], d);
-        rb[g] = pmadd(d, d, rb[g]);
+        a[g] = padd(a[g], d);
+        b[g] = pmadd(d, d, b[g]);
       }
     if (tail)
       for (Index g = 0; g < G; ++g) {
         const P d = pand(psub(load_partial<Acc>(x[g] + o + full, tail), ps[g]), keep);
-        ra[g] = padd(ra[g], d);
-        rb[g] = pmadd(d, d, rb[g]);
+        a[g] = padd(a[g], d);
+        b[g] = pmadd(d, d, b[g]);
       }
-    for (Index g = 0; g < G; ++g) {
-      a[g] = q ? padd(a[g], ra[g]) : ra[g];
-      b[g] = q ? padd(b[g], rb[g]) : rb[g];
-    }
   }
   for (Index g = 0; g < G; ++g) {
     const Acc sd = predux(a[g]), sd2 = predux(b[g]);
