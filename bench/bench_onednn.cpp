@@ -177,7 +177,7 @@ struct BatchNormSetup {
   memory::desc md, cmd;
   using Map = Eigen::TensorMap<Eigen::Tensor<float, 4, Eigen::RowMajor>>;
 
-  explicit BatchNormSetup(const benchmark::State& state)
+  explicit BatchNormSetup(benchmark::State& state)
       : threads(static_cast<int>(state.range(1))),
         shape(nkbench::batch_norm_shape(state)),
         dims(shape.dims),

@@ -213,7 +213,7 @@ struct BatchNormSetup {
   nkbench::PageBuffer x, y, dy, ref;
   using Map = Eigen::TensorMap<Eigen::Tensor<float, 4, Eigen::RowMajor>>;
 
-  explicit BatchNormSetup(const benchmark::State& state)
+  explicit BatchNormSetup(benchmark::State& state)
       : threads(static_cast<int>(state.range(1))), shape(nkbench::batch_norm_shape(state)), dims(shape.dims),
         channels(shape.channels()), n(shape.size()),
         bn(channels, normkit::BatchNormOptions().eps(kEps).channel_axis(shape.channels_last ? -1 : 1)),

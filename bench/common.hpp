@@ -237,7 +237,7 @@ inline void row_shapes(benchmark::internal::Benchmark* b) {
 }
 
 /// A BatchNorm shape: logical dims (RowMajor; N x C as [N, C, 1, 1]), channels first
-/// (axis 1) or last (axis 3). The name is the one bench/compare.py prints.
+/// (axis 1) or last (axis 3). The name is the benchmark's label, the one bench/compare.py prints.
 struct BatchNormShape {
   const char* name;
   std::array<Index, 4> dims;
@@ -258,8 +258,12 @@ inline constexpr std::array<BatchNormShape, 5> kBatchNormShapes = {{
     {"32x512x7x7 NCHW", {32, 512, 7, 7}, false},
 }};
 
-inline const BatchNormShape& batch_norm_shape(const benchmark::State& state) {
-  return kBatchNormShapes.at(static_cast<std::size_t>(state.range(0)));
+/// The shape of state's `shape` argument, its name the benchmark's label (what
+/// bench/compare.py prints).
+inline const BatchNormShape& batch_norm_shape(benchmark::State& state) {
+  const BatchNormShape& shape = kBatchNormShapes.at(static_cast<std::size_t>(state.range(0)));
+  state.SetLabel(shape.name);
+  return shape;
 }
 
 /// {shape, threads}: every shape of kBatchNormShapes at every thread count.

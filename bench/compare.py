@@ -30,14 +30,16 @@ PEERS = {"OneDNN": "oneDNN", "Torch": "torch", "DyTEigen": "Eigen expr"}
 PEER_ORDER = ["oneDNN", "torch", "Eigen expr"]
 LAYERS = ["LayerNorm", "RMSNorm", "DyT", "BatchNorm"]
 DIRECTIONS = ["Forward", "Backward", "TrainForward", "TrainBackward", "EvalForward"]
-# nkbench::kBatchNormShapes (bench/common.hpp), by the `shape` argument.
-BN_SHAPES = {0: "32x64x56x56 NCHW", 1: "32x56x56x64 NHWC", 2: "256x512", 3: "32x256x14x14 NCHW",
-             4: "32x512x7x7 NCHW"}
+# BatchNorm shape name (the benchmark's label, from nkbench::kBatchNormShapes in
+# bench/common.hpp) -> its `shape` argument, the order the tables list them in; filled by
+# load().
+BN_ORDER = {}
 
 
-def parse_name(name):
+def parse_name(name, label=""):
     """'BM_Torch_LayerNorm_Forward/rows:128/features:768/threads:1/real_time' ->
-    (library, layer, direction, shape, threads), or None for rows outside the table."""
+    (library, layer, direction, shape, threads), or None for rows outside the table. A
+    BatchNorm row's shape is its label (the `shape` argument where it has none)."""
     parts = name.split("/")
     base = parts[0]
     args = {}
@@ -54,7 +56,9 @@ def parse_name(name):
     if "rows" in args:
         shape = "%dx%d" % (args["rows"], args["features"])
     else:
-        shape = BN_SHAPES.get(next((v for k, v in args.items() if k.startswith("shape")), -1), "?")
+        index = next((v for k, v in args.items() if k.startswith("shape")), -1)
+        shape = label or "shape %d" % index
+        BN_ORDER.setdefault(shape, index)
     return lib, layer, direction, shape, args["threads"]
 
 
@@ -67,7 +71,7 @@ def load(path):
     for b in data["benchmarks"]:
         if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
             continue
-        key = parse_name(b.get("run_name", b["name"]))
+        key = parse_name(b.get("run_name", b["name"]), b.get("label", ""))
         if key is None:
             continue
         lib, layer, direction, shape, threads = key
@@ -80,9 +84,8 @@ def load(path):
 
 def shape_rank(shape):
     """BatchNorm shapes in their listed order, row shapes by size."""
-    order = list(BN_SHAPES.values())
-    if shape in order:
-        return order.index(shape)
+    if shape in BN_ORDER:
+        return BN_ORDER[shape]
     size = 1
     for v in re.findall(r"\d+", shape):
         size *= int(v)

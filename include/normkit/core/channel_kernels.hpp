@@ -807,8 +807,9 @@ void channel_grad_sums(const Dev& dev, const T* x, const T* dy, const Acc* m, co
       const T* gs[std::size_t(G)] = {};
       Acc rs[std::size_t(G)];
       for (Index g = 0; g < G; ++g) {
-        xs[g] = x + sp.offset(p, c0 + g, v);
-        if (!SelfDy) gs[g] = dy + sp.offset(p, c0 + g, v);
+        const Index off = sp.offset(p, c0 + g, v);
+        xs[g] = x + off;
+        if (!SelfDy) gs[g] = dy + off;
         rs[g] = r ? r[c0 + g] : Acc(1);
       }
       runs_grad_sums<G, 1, Acc, SelfDy>(xs, gs, v.inner, sp.runs_of(p, v), v.cols(), m + c0, rs,
