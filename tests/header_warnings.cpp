@@ -15,6 +15,7 @@ void use(Layer& layer, const Device& dev, Tensor& x, Tensor& y, Tensor& dx) {
   layer.forward(dev, x, y, cache);
   layer.backward(dev, x, y, cache, dx, grads);
   layer.forward(x, y);
+  layer.forward(dev, x + x, y);  // an expression input, evaluated first
 }
 
 template <class T, int Layout, class Device>

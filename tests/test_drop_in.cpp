@@ -3,8 +3,8 @@
 // Cache, Grads, weight()) and instantiated unchanged with LayerNorm, RMSNorm and DyT.
 // Its backward is checked against finite differences of its own loss, and a few SGD
 // steps must lower that loss, for each of the three layers. The same surface takes
-// every dense Eigen tensor a user may hold: Eigen::TensorFixedSize and maps of it too;
-// and every layer's reset_parameters() brings it back to its initial state, as PyTorch's.
+// every dense Eigen tensor a user may hold: Eigen::TensorFixedSize and maps of it too,
+// and Eigen tensor expressions as inputs (evaluated first); and every layer's reset_parameters() brings it back to its initial state, as PyTorch's.
 #include <normkit/normkit.hpp>
 
 #include "test_support.hpp"
@@ -227,6 +227,107 @@ TEST(FixedSizeTest, AWrongFixedShapeThrowsWithTheShape) {
   y.setConstant(-3.0f);
   EXPECT_EQ(error_of([&] { ln.forward(x, y); }), "LayerNorm::forward: x has 6 features, expected 8 (x is [2, 6])");
   EXPECT_TRUE(nktest::all_equal(y.data(), y.size(), -3.0f));
+}
+
+// ---- Inputs may be Eigen tensor expressions (slices, reshapes, arithmetic), evaluated
+// first; outputs are dense tensors. ----
+
+template <class Layer, int Layout>
+void expect_expressions_match_tensors() {
+  using Tensor3 = Eigen::Tensor<float, 3, Layout>;
+  using Dims = Eigen::array<Index, 3>;
+  Tensor3 wide(3, 5, 14);
+  Eigen::Tensor<float, 2, Layout> flat_dy(15, 7);
+  const auto xv = nktest::random_vector(wide.size(), 47), dyv = nktest::random_vector(flat_dy.size(), 48);
+  std::copy(xv.begin(), xv.end(), wide.data());
+  std::copy(dyv.begin(), dyv.end(), flat_dy.data());
+  const auto x_expr = wide.slice(Dims{{0, 0, 7}}, Dims{{3, 5, 7}});  // strided: not a map
+  const auto dy_expr = flat_dy.reshape(Dims{{3, 5, 7}}) * 0.5f;
+  const Tensor3 x = x_expr, dy = dy_expr;
+
+  Layer expr_layer = channels_last<Layer>(7), tensor_layer = channels_last<Layer>(7);
+  typename Layer::Cache expr_cache, tensor_cache;
+  typename Layer::Grads expr_grads, tensor_grads;
+  Tensor3 y_expr(3, 5, 7), dx_expr(3, 5, 7), y_infer(3, 5, 7), y(3, 5, 7), dx(3, 5, 7);
+  expr_layer.forward(x_expr, y_expr, expr_cache);
+  expr_layer.backward(x_expr, dy_expr, expr_cache, dx_expr, expr_grads);
+  tensor_layer.forward(x, y, tensor_cache);
+  tensor_layer.backward(x, dy, tensor_cache, dx, tensor_grads);
+  const Index n = x.size();
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y_expr.data(), n), flat(y.data(), n))) << "y";
+  EXPECT_TRUE(nktest::bitwise_equal(flat(dx_expr.data(), n), flat(dx.data(), n))) << "dx";
+  EXPECT_TRUE(nktest::bitwise_equal(nktest::values(expr_grads.weight), nktest::values(tensor_grads.weight)))
+      << "dweight";
+  EXPECT_TRUE(std::all_of(dx.data(), dx.data() + n, [](float v) { return v != 0 && std::isfinite(v); }));
+
+  // On a pool, inference, and in place: x's own storage as the output of an expression
+  // of it (evaluated before y is written).
+  tensor_layer.forward(x, y_infer);
+  nktest::on_threads(2, [&](const auto& dev) {
+    expr_layer.forward(dev, x_expr, y_expr);
+    expr_layer.backward(dev, x_expr, dy_expr, expr_cache, dx_expr, expr_grads);
+  });
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y_expr.data(), n), flat(y_infer.data(), n))) << "y on a pool";
+  EXPECT_TRUE(nktest::bitwise_equal(flat(dx_expr.data(), n), flat(dx.data(), n))) << "dx on a pool";
+  Tensor3 in_place = x;
+  tensor_layer.forward(in_place * 1.0f, in_place);
+  EXPECT_TRUE(nktest::bitwise_equal(flat(in_place.data(), n), flat(y_infer.data(), n))) << "in place";
+}
+
+template <class Layer>
+class ExpressionInputTest : public ::testing::Test {};
+TYPED_TEST_SUITE(ExpressionInputTest, FloatLayers, FloatLayerNames);
+
+TYPED_TEST(ExpressionInputTest, ExpressionsGiveTheBitsOfTheirEvaluatedTensors) {
+  expect_expressions_match_tensors<TypeParam, Eigen::RowMajor>();
+  expect_expressions_match_tensors<TypeParam, Eigen::ColMajor>();
+}
+
+/// Whether layer.forward(x, y) is a call that compiles.
+template <class Layer, class X, class Y, class = void>
+struct can_forward : std::false_type {};
+template <class Layer, class X, class Y>
+struct can_forward<Layer, X, Y, std::void_t<decltype(std::declval<const Layer&>().forward(std::declval<X>(), std::declval<Y>()))>>
+    : std::true_type {};
+
+TEST(ExpressionInputTest, OutputsMustBeDenseTensors) {
+  using T2 = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+  using Sum = decltype(std::declval<T2&>() + std::declval<T2&>());
+  static_assert(can_forward<normkit::LayerNorm<float>, Sum, T2&>::value, "an expression is an input");
+  static_assert(!can_forward<normkit::LayerNorm<float>, T2&, Sum>::value, "an expression is no output");
+  static_assert(!can_forward<normkit::DyT<float>, T2&, Sum>::value, "an expression is no output");
+  SUCCEED();
+}
+
+TEST(ExpressionInputTest, AWrongShapeThrowsWithTheEvaluatedShape) {
+  normkit::LayerNorm<float> ln(8);
+  Eigen::Tensor<float, 2, Eigen::RowMajor> x(4, 8), y(4, 8);
+  x.setConstant(1.5f);
+  y.setConstant(-3.0f);
+  EXPECT_EQ(error_of([&] { ln.forward(x.reshape(Eigen::array<Index, 2>{{8, 4}}), y); }),
+            "LayerNorm::forward: x has 4 features, expected 8 (x is [8, 4])");
+  EXPECT_TRUE(nktest::all_equal(y.data(), y.size(), -3.0f));
+}
+
+template <class Half>
+void expect_cast_is_input() {
+  Eigen::Tensor<float, 2, Eigen::RowMajor> x(6, 10);
+  const auto xv = nktest::random_vector(x.size(), 49);
+  std::copy(xv.begin(), xv.end(), x.data());
+  const Eigen::Tensor<Half, 2, Eigen::RowMajor> xh = x.cast<Half>();
+  Eigen::Tensor<Half, 2, Eigen::RowMajor> y_expr(6, 10), y_pool(6, 10), y(6, 10);
+  const normkit::RMSNorm<Half> rms(10);
+  rms.forward(x.cast<Half>(), y_expr);
+  nktest::on_threads(2, [&](const auto& dev) { rms.forward(dev, x.cast<Half>(), y_pool); });
+  rms.forward(xh, y);
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y_expr.data(), y.size()), flat(y.data(), y.size())));
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y_pool.data(), y.size()), flat(y.data(), y.size()))) << "on a pool";
+}
+
+// (bfloat16 goes through dense()'s one-thread path where GCC has bug 105593.)
+TEST(ExpressionInputTest, ACastTo16BitsIsAnInputOfA16BitLayer) {
+  expect_cast_is_input<Eigen::half>();
+  expect_cast_is_input<Eigen::bfloat16>();
 }
 
 // ---- Empty owning outputs are sized to x, as PyTorch sizes an empty out= tensor. ----

@@ -150,32 +150,32 @@ class BatchNorm {
 
   template <class X, class Y, detail::enable_if_tensors_t<X, Y> = 0>
   void forward(const X& x, Y&& y) {
-    forward_impl(Eigen::DefaultDevice(), x, y, nullptr);
+    forward_impl(Eigen::DefaultDevice(), detail::dense(x), y, nullptr);
   }
   template <class X, class Y, detail::enable_if_tensors_t<X, Y> = 0>
   void forward(const X& x, Y&& y, Cache& cache) {
-    forward_impl(Eigen::DefaultDevice(), x, y, &cache);
+    forward_impl(Eigen::DefaultDevice(), detail::dense(x), y, &cache);
   }
   template <class Device, class X, class Y, detail::enable_if_device_tensors_t<Device, X, Y> = 0>
   void forward(const Device& dev, const X& x, Y&& y) {
-    forward_impl(dev, x, y, nullptr);
+    forward_impl(dev, detail::dense(x, dev), y, nullptr);
   }
   template <class Device, class X, class Y, detail::enable_if_device_tensors_t<Device, X, Y> = 0>
   void forward(const Device& dev, const X& x, Y&& y, Cache& cache) {
-    forward_impl(dev, x, y, &cache);
+    forward_impl(dev, detail::dense(x, dev), y, &cache);
   }
 
   /// dx (overwritten) and the parameter gradients (overwritten), in the mode the cache
   /// was filled in. dx may be x or dy itself.
   template <class X, class DY, class DX, detail::enable_if_tensors_t<X, DY, DX> = 0>
   void backward(const X& x, const DY& dy, const Cache& cache, DX&& dx, Grads& grads) const {
-    backward_impl(Eigen::DefaultDevice(), x, dy, cache, dx, grads);
+    backward_impl(Eigen::DefaultDevice(), detail::dense(x), detail::dense(dy), cache, dx, grads);
   }
   template <class Device, class X, class DY, class DX,
             detail::enable_if_device_tensors_t<Device, X, DY, DX> = 0>
   void backward(const Device& dev, const X& x, const DY& dy, const Cache& cache, DX&& dx,
                 Grads& grads) const {
-    backward_impl(dev, x, dy, cache, dx, grads);
+    backward_impl(dev, detail::dense(x, dev), detail::dense(dy, dev), cache, dx, grads);
   }
 
   void train(bool on = true) { training_ = on; }

@@ -184,20 +184,20 @@ class DyT {
   /// Inference: y = DyT(x). y may be x itself (in place).
   template <class X, class Y, detail::enable_if_tensors_t<X, Y> = 0>
   void forward(const X& x, Y&& y) const {
-    forward_impl(Eigen::DefaultDevice(), x, y, nullptr);
+    forward_impl(Eigen::DefaultDevice(), detail::dense(x), y, nullptr);
   }
   /// Training: also fills `cache` for backward.
   template <class X, class Y, detail::enable_if_tensors_t<X, Y> = 0>
   void forward(const X& x, Y&& y, Cache& cache) const {
-    forward_impl(Eigen::DefaultDevice(), x, y, &cache);
+    forward_impl(Eigen::DefaultDevice(), detail::dense(x), y, &cache);
   }
   template <class Device, class X, class Y, detail::enable_if_device_tensors_t<Device, X, Y> = 0>
   void forward(const Device& dev, const X& x, Y&& y) const {
-    forward_impl(dev, x, y, nullptr);
+    forward_impl(dev, detail::dense(x, dev), y, nullptr);
   }
   template <class Device, class X, class Y, detail::enable_if_device_tensors_t<Device, X, Y> = 0>
   void forward(const Device& dev, const X& x, Y&& y, Cache& cache) const {
-    forward_impl(dev, x, y, &cache);
+    forward_impl(dev, detail::dense(x, dev), y, &cache);
   }
 
   /// dx (overwritten) and the parameter gradients (overwritten) from the x and cache of
@@ -205,13 +205,13 @@ class DyT {
   /// be x or dy itself.
   template <class X, class DY, class DX, detail::enable_if_tensors_t<X, DY, DX> = 0>
   void backward(const X& x, const DY& dy, const Cache& cache, DX&& dx, Grads& grads) const {
-    backward_impl(Eigen::DefaultDevice(), x, dy, cache, dx, grads);
+    backward_impl(Eigen::DefaultDevice(), detail::dense(x), detail::dense(dy), cache, dx, grads);
   }
   template <class Device, class X, class DY, class DX,
             detail::enable_if_device_tensors_t<Device, X, DY, DX> = 0>
   void backward(const Device& dev, const X& x, const DY& dy, const Cache& cache, DX&& dx,
                 Grads& grads) const {
-    backward_impl(dev, x, dy, cache, dx, grads);
+    backward_impl(dev, detail::dense(x, dev), detail::dense(dy, dev), cache, dx, grads);
   }
 
   T& alpha() { return alpha_; }

@@ -18,6 +18,7 @@
   _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"") \
   _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
 #define NORMKIT_WARNINGS_POP_ _Pragma("GCC diagnostic pop")
+#define NORMKIT_GCC_PR105593_ 1
 #else
 #define NORMKIT_WARNINGS_PUSH_
 #define NORMKIT_WARNINGS_POP_

@@ -70,16 +70,77 @@ using traits_of = tensor_traits<std::remove_cv_t<std::remove_reference_t<X>>>;
 template <class X>
 inline constexpr bool is_tensor_v = traits_of<X>::value;
 
+/// An Eigen tensor expression that is not one of the dense tensors above: x.reshape(d),
+/// x.slice(o, e), x.shuffle(p), x * 2.f, x.cast<Eigen::half>(), ... A layer's inputs
+/// (x, dy) may be one; dense() evaluates it first.
+template <class X, class = void>
+struct is_expression : std::false_type {};
+template <class X>
+struct is_expression<X, std::enable_if_t<std::is_base_of_v<Eigen::TensorBase<X, Eigen::ReadOnlyAccessors>, X>>>
+    : std::bool_constant<!tensor_traits<X>::value> {};
+template <class X>
+inline constexpr bool is_expression_v = is_expression<std::remove_cv_t<std::remove_reference_t<X>>>::value;
+
+/// What a layer reads: a dense tensor or a tensor expression.
+template <class X>
+inline constexpr bool is_input_v = is_tensor_v<X> || is_expression_v<X>;
+
+/// x itself where it is a dense tensor; an expression evaluated (on dev) into a new
+/// Eigen::Tensor of its scalar, rank and layout, the copy the call then reads.
+/// bfloat16 expressions are evaluated on one thread, a value at a time, where GCC has
+/// bug 105593 (see config.hpp): Eigen's executors run them in their own functions, beyond
+/// normkit's warning pragmas, and its AVX-512 bfloat16 packets give that bug's warnings
+/// there (as they do in a user's own `t.device(pool) = x + x`).
+template <class X, class Dev = Eigen::DefaultDevice>
+decltype(auto) dense(const X& x, const Dev& dev = Dev()) {
+  if constexpr (is_tensor_v<X>) {
+    (void)dev;
+    return (x);
+  } else {
+    using Tr = Eigen::internal::traits<X>;
+    using S = std::remove_const_t<typename Tr::Scalar>;
+    Eigen::Tensor<S, Tr::NumDimensions, Tr::Layout, typename Tr::Index> t(
+        Eigen::TensorEvaluator<const X, Eigen::DefaultDevice>(x, Eigen::DefaultDevice()).dimensions());
+#ifdef NORMKIT_GCC_PR105593_
+    constexpr bool one_thread = std::is_same_v<S, Eigen::bfloat16>;
+#else
+    constexpr bool one_thread = false;
+#endif
+    if constexpr (one_thread) {
+      (void)dev;
+      // Coefficient by coefficient (Eigen's scalar path), in normkit's code: no packets.
+      Eigen::TensorEvaluator<const X, Eigen::DefaultDevice> ev(x, Eigen::DefaultDevice());
+      ev.evalSubExprsIfNeeded(nullptr);
+      for (Index i = 0; i < t.size(); ++i) t.data()[i] = ev.coeff(i);
+      ev.cleanup();
+    } else {
+      t.device(dev) = x;
+    }
+    return t;
+  }
+}
+
 template <class D>
 inline constexpr bool is_device_v =
     std::is_same_v<std::remove_cv_t<std::remove_reference_t<D>>, Eigen::DefaultDevice> ||
     std::is_same_v<std::remove_cv_t<std::remove_reference_t<D>>, Eigen::ThreadPoolDevice>;
 
+/// Whether the tensor arguments of a call are inputs (dense tensors or expressions) but
+/// the last, its output, which is dense.
+template <class... A>
+constexpr bool inputs_then_output() {
+  constexpr bool input[] = {is_input_v<A>...}, tensor[] = {is_tensor_v<A>...};
+  constexpr std::size_t n = sizeof...(A);
+  for (std::size_t i = 0; i + 1 < n; ++i)
+    if (!input[i]) return false;
+  return tensor[n - 1];
+}
+
 template <class... X>
-using enable_if_tensors_t = std::enable_if_t<(is_tensor_v<X> && ...), int>;
+using enable_if_tensors_t = std::enable_if_t<inputs_then_output<X...>(), int>;
 
 template <class D, class... X>
-using enable_if_device_tensors_t = std::enable_if_t<is_device_v<D> && (is_tensor_v<X> && ...), int>;
+using enable_if_device_tensors_t = std::enable_if_t<is_device_v<D> && inputs_then_output<X...>(), int>;
 
 template <class X>
 std::vector<Index> dims_of(const X& x) {
