@@ -309,6 +309,22 @@ TEST(ExpressionInputTest, AWrongShapeThrowsWithTheEvaluatedShape) {
   EXPECT_TRUE(nktest::all_equal(y.data(), y.size(), -3.0f));
 }
 
+TEST(ExpressionInputTest, ExpressionsOfFixedSizeTensorsAndIntIndicesAreInputs) {
+  Eigen::TensorFixedSize<float, Eigen::Sizes<3, 8>, Eigen::RowMajor> fixed, y_fixed;
+  Eigen::Tensor<float, 2, Eigen::RowMajor, int> small(3, 8), y_small(3, 8);
+  Eigen::Tensor<float, 2, Eigen::RowMajor> doubled(3, 8), y(3, 8);
+  const auto xv = nktest::random_vector(24, 50);
+  std::copy(xv.begin(), xv.end(), fixed.data());
+  std::copy(xv.begin(), xv.end(), small.data());
+  std::transform(xv.begin(), xv.end(), doubled.data(), [](double v) { return 2 * static_cast<float>(v); });
+  const normkit::LayerNorm<float> ln(8);
+  ln.forward(fixed * 2.f, y_fixed);  // the evaluator's dims are Sizes<3, 8> here
+  ln.forward(small * 2.f, y_small);  // and DSizes<int, 2> here
+  ln.forward(doubled, y);
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y_fixed.data(), 24), flat(y.data(), 24))) << "fixed-size";
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y_small.data(), 24), flat(y.data(), 24))) << "int indices";
+}
+
 template <class Half>
 void expect_cast_is_input() {
   Eigen::Tensor<float, 2, Eigen::RowMajor> x(6, 10);

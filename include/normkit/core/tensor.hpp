@@ -99,8 +99,13 @@ decltype(auto) dense(const X& x, const Dev& dev = Dev()) {
   } else {
     using Tr = Eigen::internal::traits<X>;
     using S = std::remove_const_t<typename Tr::Scalar>;
-    Eigen::Tensor<S, Tr::NumDimensions, Tr::Layout, typename Tr::Index> t(
-        Eigen::TensorEvaluator<const X, Eigen::DefaultDevice>(x, Eigen::DefaultDevice()).dimensions());
+    using I = typename Tr::Index;
+    // The evaluator's dims: DSizes, or Sizes<...> for an expression of a fixed-size tensor.
+    const Eigen::TensorEvaluator<const X, Eigen::DefaultDevice> shape(x, Eigen::DefaultDevice());
+    const auto& d = shape.dimensions();
+    Eigen::array<I, static_cast<std::size_t>(Tr::NumDimensions)> dims;
+    for (std::size_t i = 0; i < dims.size(); ++i) dims[i] = static_cast<I>(d[i]);
+    Eigen::Tensor<S, Tr::NumDimensions, Tr::Layout, I> t(dims);
 #ifdef NORMKIT_GCC_PR105593_
     constexpr bool one_thread = std::is_same_v<S, Eigen::bfloat16>;
 #else
