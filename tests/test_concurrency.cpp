@@ -229,24 +229,27 @@ TEST(ConcurrencyTest, LingeringHelpersLetOtherTasksRun) {
 
 // A layer called from inside one of the pool's own tasks, on a device over that same
 // pool, runs on that thread: it returns (no wait on tasks that cannot start), with the
-// single-threaded bits.
+// single-threaded bits. So does the evaluation of an expression input (Eigen's own
+// executor would wait there): 4000x96 floats, enough for Eigen's cost model to split.
 TEST(ConcurrencyTest, CallFromInsideThePoolRunsInline) {
   normkit::LayerNorm<float> ln(96);
   ln.weight().setRandom();
-  const RM2 x = nktest::make_tensor<float, 2, Eigen::RowMajor>({300, 96}, nktest::random_vector(300 * 96, 5));
+  const RM2 x = nktest::make_tensor<float, 2, Eigen::RowMajor>({4000, 96}, nktest::random_vector(4000 * 96, 5));
   RM2 want = x;
   ln.forward(x, want);
   Eigen::ThreadPool pool(2);
   Eigen::ThreadPoolDevice dev(&pool, 2);
-  std::vector<RM2> got(4, x);
+  std::vector<RM2> got(4, x), got_expr(4, x);
   Eigen::Barrier done(4);
   for (int t = 0; t < 4; ++t)
     pool.Schedule([&, t] {
       ln.forward(dev, x, got[static_cast<std::size_t>(t)]);
+      ln.forward(dev, x * 1.0f, got_expr[static_cast<std::size_t>(t)]);
       done.Notify();
     });
   done.Wait();
   for (const RM2& g : got) EXPECT_TRUE(same_bits(g, want));
+  for (const RM2& g : got_expr) EXPECT_TRUE(same_bits(g, want)) << "expression input";
 }
 
 }  // namespace

@@ -118,6 +118,13 @@ decltype(auto) dense(const X& x, const Dev& dev = Dev()) {
       ev.evalSubExprsIfNeeded(nullptr);
       for (Index i = 0; i < t.size(); ++i) t.data()[i] = ev.coeff(i);
       ev.cleanup();
+    } else if constexpr (std::is_same_v<Dev, Eigen::ThreadPoolDevice>) {
+      // From one of the pool's own threads, on that thread (as parallel_for does):
+      // Eigen's executor would wait there for tasks of the same pool.
+      if (dev.currentThreadId() != -1)
+        t.device(Eigen::DefaultDevice()) = x;
+      else
+        t.device(dev) = x;
     } else {
       t.device(dev) = x;
     }
