@@ -77,6 +77,16 @@ int main() {
   Tensor2 y(tokens, features);
   ln.forward(dev, x, y);
   std::printf("LayerNorm on 2 threads: y[0]: mean %+.4f var %.4f\n", row_mean(y, 0), row_var(y, 0));
-  const bool ok = std::fabs(row_mean(y, 0)) < 1e-4 && std::fabs(row_var(y, 0) - 1) < 1e-3;
+
+  // Inputs may be Eigen tensor expressions, evaluated into a temporary first (a copy;
+  // a Tensor or TensorMap is read in place): here the last 8 tokens, a slice of x.
+  const Eigen::array<Eigen::Index, 2> first{{tokens - 8, 0}}, extent{{8, features}};
+  Tensor2 y_last(8, features);
+  ln.forward(x.slice(first, extent), y_last);
+  std::printf("LayerNorm of x.slice(last 8 tokens): y[0]: mean %+.4f var %.4f\n", row_mean(y_last, 0),
+              row_var(y_last, 0));
+
+  const bool ok = std::fabs(row_mean(y, 0)) < 1e-4 && std::fabs(row_var(y, 0) - 1) < 1e-3 &&
+                  std::fabs(row_mean(y_last, 0)) < 1e-4 && std::fabs(row_var(y_last, 0) - 1) < 1e-3;
   return ok ? 0 : 1;
 }
