@@ -166,6 +166,15 @@ std::vector<T> flat(const T* p, Index n) {
   return std::vector<T>(p, p + n);
 }
 
+/// Two training steps gave the same bits: y, dx and the weight gradient.
+template <class A, class B, class Grads>
+void expect_same_step(const A& y_a, const A& dx_a, const Grads& g_a, const B& y_b, const B& dx_b, const Grads& g_b) {
+  const Index n = y_a.size();
+  EXPECT_TRUE(nktest::bitwise_equal(flat(y_a.data(), n), flat(y_b.data(), n))) << "y";
+  EXPECT_TRUE(nktest::bitwise_equal(flat(dx_a.data(), n), flat(dx_b.data(), n))) << "dx";
+  EXPECT_TRUE(nktest::bitwise_equal(nktest::values(g_a.weight), nktest::values(g_b.weight))) << "dweight";
+}
+
 template <class Layer, int Layout>
 void expect_fixed_size_matches_dynamic() {
   using Fixed = Eigen::TensorFixedSize<float, Eigen::Sizes<3, 5, 7>, Layout>;
@@ -186,10 +195,7 @@ void expect_fixed_size_matches_dynamic() {
   fixed_layer.backward(x, dy, fixed_cache, dx, fixed_grads);
   dynamic_layer.forward(xd, yd, dynamic_cache);
   dynamic_layer.backward(xd, dyd, dynamic_cache, dxd, dynamic_grads);
-  EXPECT_TRUE(nktest::bitwise_equal(flat(y.data(), n), flat(yd.data(), n))) << "y";
-  EXPECT_TRUE(nktest::bitwise_equal(flat(dx.data(), n), flat(dxd.data(), n))) << "dx";
-  EXPECT_TRUE(nktest::bitwise_equal(nktest::values(fixed_grads.weight), nktest::values(dynamic_grads.weight)))
-      << "dweight";
+  expect_same_step(y, dx, fixed_grads, yd, dxd, dynamic_grads);
   EXPECT_TRUE(std::all_of(y.data(), y.data() + n, [](float v) { return v != 0 && std::isfinite(v); }));
 
   // Maps of fixed-size tensors (const input), on a thread pool, in inference.
@@ -254,10 +260,7 @@ void expect_expressions_match_tensors() {
   tensor_layer.forward(x, y, tensor_cache);
   tensor_layer.backward(x, dy, tensor_cache, dx, tensor_grads);
   const Index n = x.size();
-  EXPECT_TRUE(nktest::bitwise_equal(flat(y_expr.data(), n), flat(y.data(), n))) << "y";
-  EXPECT_TRUE(nktest::bitwise_equal(flat(dx_expr.data(), n), flat(dx.data(), n))) << "dx";
-  EXPECT_TRUE(nktest::bitwise_equal(nktest::values(expr_grads.weight), nktest::values(tensor_grads.weight)))
-      << "dweight";
+  expect_same_step(y_expr, dx_expr, expr_grads, y, dx, tensor_grads);
   EXPECT_TRUE(std::all_of(dx.data(), dx.data() + n, [](float v) { return v != 0 && std::isfinite(v); }));
 
   // On a pool, inference, and in place: x's own storage as the output of an expression
