@@ -49,6 +49,11 @@ void use_types(const Device& dev) {
 
 void normkit_header_warnings() {
   use_types(Eigen::DefaultDevice());
+  // An expression with int indices (bfloat16: dense()'s one-thread loop where GCC has
+  // bug 105593).
+  Eigen::Tensor<Eigen::bfloat16, 2, Eigen::RowMajor, int> xi(3, 5), yi(3, 5);
+  xi.setConstant(Eigen::bfloat16(1));
+  normkit::LayerNorm<Eigen::bfloat16>(5).forward(xi + xi, yi);
   Eigen::ThreadPool pool(2);
   use_types(Eigen::ThreadPoolDevice(&pool, 2));
 }

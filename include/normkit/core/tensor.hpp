@@ -116,7 +116,7 @@ decltype(auto) dense(const X& x, const Dev& dev = Dev()) {
       // Coefficient by coefficient (Eigen's scalar path), in normkit's code: no packets.
       Eigen::TensorEvaluator<const X, Eigen::DefaultDevice> ev(x, Eigen::DefaultDevice());
       ev.evalSubExprsIfNeeded(nullptr);
-      for (Index i = 0; i < t.size(); ++i) t.data()[i] = ev.coeff(i);
+      for (I i = 0; i < t.size(); ++i) t.data()[i] = ev.coeff(i);
       ev.cleanup();
     } else if constexpr (std::is_same_v<Dev, Eigen::ThreadPoolDevice>) {
       // From one of the pool's own threads, on that thread (as parallel_for does):
