@@ -4,7 +4,8 @@
 // Its backward is checked against finite differences of its own loss, and a few SGD
 // steps must lower that loss, for each of the three layers. The same surface takes
 // every dense Eigen tensor a user may hold: Eigen::TensorFixedSize and maps of it too,
-// and Eigen tensor expressions as inputs (evaluated first); and every layer's reset_parameters() brings it back to its initial state, as PyTorch's.
+// and Eigen tensor expressions as inputs (evaluated first); and every layer's
+// reset_parameters() brings it back to its initial state, as PyTorch's.
 #include <normkit/normkit.hpp>
 
 #include "test_support.hpp"

@@ -101,8 +101,8 @@ decltype(auto) dense(const X& x, const Dev& dev = Dev()) {
     using S = std::remove_const_t<typename Tr::Scalar>;
     using I = typename Tr::Index;
     // The evaluator's dims: DSizes, or Sizes<...> for an expression of a fixed-size tensor.
-    const Eigen::TensorEvaluator<const X, Eigen::DefaultDevice> shape(x, Eigen::DefaultDevice());
-    const auto& d = shape.dimensions();
+    Eigen::TensorEvaluator<const X, Eigen::DefaultDevice> ev(x, Eigen::DefaultDevice());
+    const auto& d = ev.dimensions();
     Eigen::array<I, static_cast<std::size_t>(Tr::NumDimensions)> dims;
     for (std::size_t i = 0; i < dims.size(); ++i) dims[i] = static_cast<I>(d[i]);
     Eigen::Tensor<S, Tr::NumDimensions, Tr::Layout, I> t(dims);
@@ -114,7 +114,6 @@ decltype(auto) dense(const X& x, const Dev& dev = Dev()) {
     if constexpr (one_thread) {
       (void)dev;
       // Coefficient by coefficient (Eigen's scalar path), in normkit's code: no packets.
-      Eigen::TensorEvaluator<const X, Eigen::DefaultDevice> ev(x, Eigen::DefaultDevice());
       ev.evalSubExprsIfNeeded(nullptr);
       for (I i = 0; i < t.size(); ++i) t.data()[i] = ev.coeff(i);
       ev.cleanup();
